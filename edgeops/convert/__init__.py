@@ -1,0 +1,378 @@
+"""Format exchange: the converter graph, the planner, and `convert`, which verifies every hop.
+
+The graph's edges are declared as data in `edges.py`; this module finds the shortest
+route (`plan`), runs each converter, checks each hop's outputs against its input with
+`edgeops.verify`, checks the whole chain end to end, and writes lineage into the result.
+
+Not covered here: the converters themselves (one module per family beside this one),
+optimisation (edgeops.optimize).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import extras
+from .. import formats as fmts
+from .. import verify as V
+from ..errors import ConversionError, EdgeopsError, MissingExtraError, NotExecutableError, UsageError
+from ..formats.base import LoadOptions, path_size, sha256_path
+from .context import ConvertContext
+from .edges import EDGES, Edge
+
+__all__ = ["ConvertContext", "ConvertReport", "Edge", "HopReport", "convert", "edges",
+           "plan", "resolve"]
+
+REPORT_SUFFIX = ".edgeops.json"
+
+
+def _index(edge_list: tuple[Edge, ...]) -> dict[tuple[str, str], Edge]:
+    out: dict[tuple[str, str], Edge] = {}
+    for e in edge_list:
+        if e.key in out:
+            raise RuntimeError(f"converter {e.source} -> {e.target} registered twice")
+        out[e.key] = e
+    return out
+
+
+_EDGES = _index(EDGES)
+
+
+def edges() -> list[Edge]:
+    return list(_EDGES.values())
+
+
+def resolve(edge: Edge) -> Callable:
+    mod, _, fn = edge.func.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def edge_available(edge: Edge) -> bool:
+    return all(extras.available(x) for x in edge.extras)
+
+
+# ----------------------------------------------------------------------------- planner
+
+def _shortest(src: str, dst: str, usable: Callable[[Edge], bool]) -> list[Edge] | None:
+    if src == dst:
+        return []
+    prev: dict[str, Edge] = {}
+    seen = {src}
+    queue = deque([src])
+    while queue:
+        node = queue.popleft()
+        for e in sorted(_EDGES.values(), key=lambda e: e.key):
+            if e.source != node or e.target in seen or not usable(e):
+                continue
+            prev[e.target] = e
+            if e.target == dst:
+                path = [e]
+                while path[0].source != src:
+                    path.insert(0, prev[path[0].source])
+                return path
+            seen.add(e.target)
+            queue.append(e.target)
+    return None
+
+
+def plan(src: str, dst: str, via: tuple[str, ...] | list[str] = ()) -> list[Edge]:
+    """Shortest chain of converters from src to dst, through `via` formats in order.
+
+    Prefers routes whose extras are installed; when only a route needing a missing
+    extra exists, raises MissingExtraError naming it.
+    """
+    for f in (src, dst, *via):
+        fmts.get_format(f)
+    if src == dst and not via:
+        raise UsageError(f"the source is already {dst}", hint="pick another --to format")
+    stops = [src, *via, dst]
+    route: list[Edge] = []
+    for a, b in zip(stops, stops[1:]):
+        leg = _shortest(a, b, edge_available)
+        if leg is None:
+            any_leg = _shortest(a, b, lambda e: True)
+            if any_leg is not None:
+                for e in any_leg:
+                    for x in e.extras:
+                        if not extras.available(x):
+                            raise MissingExtraError(
+                                x, extras.missing_modules(x)[0], f"{e.source} -> {e.target}")
+            reachable = sorted({e.target for e in _EDGES.values() if e.source == a})
+            hint = (f"from {a} edgeops converts to: {', '.join(reachable)}" if reachable
+                    else f"{a} is an end format: nothing converts from it")
+            raise ConversionError(f"no conversion route from {a} to {b}", hint=hint)
+        route += leg
+    return route
+
+
+# ----------------------------------------------------------------------------- reports
+
+@dataclass
+class HopReport:
+    source: str
+    target: str
+    tool: str
+    path: str
+    seconds: float
+    parity: V.ParityReport
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["parity"] = self.parity.to_dict()
+        return d
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    source_format: str
+    source_sha256: str
+    output: str
+    target_format: str
+    route: list[str]
+    hops: list[HopReport] = field(default_factory=list)
+    end_to_end: V.ParityReport | None = None
+    status: str = "failed"      # "passed" | "failed" | "not-executed"
+    output_sha256: str | None = None
+    output_size: int | None = None
+    report_path: str | None = None
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": 1,
+            "source": self.source, "source_format": self.source_format,
+            "source_sha256": self.source_sha256, "output": self.output,
+            "target_format": self.target_format, "route": self.route,
+            "status": self.status, "message": self.message,
+            "hops": [h.to_dict() for h in self.hops],
+            "end_to_end": self.end_to_end.to_dict() if self.end_to_end else None,
+            "output_sha256": self.output_sha256, "output_size": self.output_size,
+            "report_path": self.report_path,
+        }
+
+
+# ----------------------------------------------------------------------------- convert
+
+def _suffix_for(fmt_id: str) -> str:
+    info = fmts.get_format(fmt_id)
+    return info.suffixes[0] if info.suffixes else ""
+
+
+def _runner(path: Path, fmt: str, opts: LoadOptions):
+    return fmts.module_for(fmt).runner(path, fmt, opts)
+
+
+def _hop_parity(dst: Path, fmt: str, opts: LoadOptions, inputs, ref_out, atol, rtol, source):
+    """Verify one hop's output against the hop input's outputs (already computed)."""
+    try:
+        cand = _runner(dst, fmt, opts)
+    except NotExecutableError as exc:
+        return V.not_executed(exc.message), None
+    try:
+        out = cand.run(V.adapt_feeds(inputs, cand.signature))
+    except EdgeopsError:
+        raise
+    except Exception as exc:
+        return V.ParityReport("failed", atol, rtol, reason=f"converted model failed to run: {exc}"), None
+    rep = V.compare(ref_out, out, atol, rtol, V.batch_size(inputs), source)
+    return rep, out
+
+
+def convert(src: str | Path, dst: str | Path, to: str | None = None,
+            via: tuple[str, ...] | list[str] = (), *, opset: int | None = None,
+            precision: str = "fp32", inputs: str | Path | None = None,
+            shapes: dict[str, tuple[int, ...]] | None = None,
+            atol: float | None = None, rtol: float | None = None,
+            trust_pickle: bool = False, input_names: tuple[str, ...] | None = None,
+            output_names: tuple[str, ...] | None = None, keep_intermediate: bool = False,
+            options: dict | None = None,
+            progress: Callable[[str], None] | None = None) -> ConvertReport:
+    """Convert `src` to `dst`, verifying every hop. Returns the report; the report JSON is
+    also written beside the output. Raises EdgeopsError for input/environment problems;
+    a parity breach is *not* raised -- it is the report's status ("failed")."""
+    say = progress or (lambda msg: None)
+    src, dst = Path(src), Path(dst)
+    if precision not in ("fp32", "fp16"):
+        raise UsageError(f"--precision must be fp32 or fp16, not {precision!r}")
+    src_info = fmts.detect(src)
+    if to:
+        dst_info = fmts.get_format(to)
+    else:
+        dst_info = fmts.format_for_suffix(dst)
+        if dst_info is None:
+            raise UsageError(f"cannot tell the target format from {dst.name!r}",
+                             hint="pass --to onnx|torchscript|mlpackage|mlmodel|...")
+    route = plan(src_info.id, dst_info.id, tuple(via))
+    if dst.resolve() == src.resolve():
+        raise UsageError("the output path is the source path; refusing to overwrite the source")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+
+    opts = LoadOptions(trust_pickle=trust_pickle, shapes=dict(shapes or {}),
+                       input_names=input_names, output_names=output_names)
+    say(f"source: {src} ({src_info.description})")
+    src_sha = sha256_path(src)
+    ref = _runner(src, src_info.id, opts)
+    if inputs is not None:
+        feeds = V.load_inputs(inputs, ref.signature)
+        input_source = str(inputs)
+    else:
+        feeds = V.make_inputs(ref.signature, opts.shapes)
+        input_source = "generated (seed 0)"
+    ref_out = ref.run(V.adapt_feeds(feeds, ref.signature))
+    first_out = ref_out
+
+    report = ConvertReport(str(src), src_info.id, src_sha, str(dst), dst_info.id,
+                           [route[0].source] + [e.target for e in route])
+    say("route: " + " -> ".join(report.route))
+    workdir = Path(tempfile.mkdtemp(prefix="edgeops-convert-"))
+    hop_src, hop_sig = src, ref.signature
+    try:
+        for i, edge in enumerate(route):
+            last = i == len(route) - 1
+            out_path = dst if last else workdir / f"hop{i + 1}-{edge.target}{_suffix_for(edge.target)}"
+            _remove(out_path)
+            ctx = ConvertContext(edge.source, edge.target, hop_sig, feeds, workdir, opset,
+                                 precision, opts, dict(options or {}))
+            say(f"[{i + 1}/{len(route)}] {edge.source} -> {edge.target} ({edge.tool})")
+            t0 = time.perf_counter()
+            try:
+                info = resolve(edge)(hop_src, out_path, ctx) or {}
+            except EdgeopsError:
+                raise
+            except Exception as exc:
+                raise ConversionError(
+                    f"{edge.tool} failed converting {edge.source} -> {edge.target}: "
+                    f"{_first_line(exc)}",
+                    hint="run with --debug for the converter's traceback") from exc
+            seconds = time.perf_counter() - t0
+            h_atol = atol if atol is not None else edge.atol
+            h_rtol = rtol if rtol is not None else edge.rtol
+            parity, out = _hop_parity(out_path, edge.target, opts, feeds, ref_out,
+                                      h_atol, h_rtol, input_source)
+            report.hops.append(HopReport(edge.source, edge.target, edge.tool, str(out_path),
+                                         round(seconds, 3), parity, info))
+            say(f"      parity: {parity.summary()}")
+            if parity.status == "failed":
+                report.status = "failed"
+                report.message = (f"parity check failed on {edge.source} -> {edge.target}: "
+                                  f"{parity.reason}")
+                break
+            if out is not None:
+                ref_out = out
+            if not last:
+                hop_sig = fmts.module_for(edge.target).signature(out_path, edge.target, opts)
+            hop_src = out_path
+        else:
+            report.status = _final_status(report, first_out, ref_out, atol, rtol, input_source)
+    finally:
+        if keep_intermediate:
+            for h in report.hops[:-1]:
+                p = Path(h.path)
+                if p.exists():
+                    kept = dst.with_name(f"{dst.name}.{p.name}")
+                    _remove(kept)
+                    shutil.move(str(p), kept)
+                    h.path = str(kept)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    if dst.exists():
+        report.output_sha256 = sha256_path(dst)
+        report.output_size = path_size(dst)
+        _write_lineage(report, src, src_info.id)
+        report.output_sha256 = sha256_path(dst)
+    report_path = dst.with_name(dst.name + REPORT_SUFFIX)
+    report.report_path = str(report_path)
+    report_path.write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
+    return report
+
+
+def _final_status(report: ConvertReport, first_out, last_out, atol, rtol, input_source) -> str:
+    """Status after all hops ran; multi-hop routes also get an end-to-end check of the
+    final outputs against the source's, with the hops' tolerances added up."""
+    last = report.hops[-1]
+    if not last.parity.executed:
+        report.message = last.parity.reason
+        return "not-executed"
+    if len(report.hops) > 1:
+        e2e_atol = atol if atol is not None else sum(_edge_of(h).atol for h in report.hops)
+        e2e_rtol = rtol if rtol is not None else sum(_edge_of(h).rtol for h in report.hops)
+        report.end_to_end = V.compare(first_out, last_out, e2e_atol, e2e_rtol,
+                                      last.parity.n_inputs, input_source)
+        if not report.end_to_end.passed:
+            report.message = f"end-to-end parity failed: {report.end_to_end.reason}"
+            return "failed"
+    return "passed"
+
+
+def _edge_of(h: HopReport) -> Edge:
+    return _EDGES[(h.source, h.target)]
+
+
+def _write_lineage(report: ConvertReport, src: Path, src_fmt: str) -> None:
+    from .. import lineage
+
+    parent = None
+    if src_fmt == "onnx":
+        parent = lineage.read_onnx_lineage(src)
+    record = lineage.make_record(
+        "convert", src, report.source_sha256, src_fmt,
+        {"route": report.route, "status": report.status,
+         "hops": [{"from": h.source, "to": h.target, "tool": h.tool,
+                   "info": h.info, "parity": _parity_summary(h.parity)} for h in report.hops],
+         "end_to_end": _parity_summary(report.end_to_end) if report.end_to_end else None},
+        parent)
+    if report.target_format == "onnx":
+        lineage.write_onnx_lineage(report.output, record,
+                                   {"edgeops.parity": report.status})
+    elif report.target_format in ("mlpackage", "mlmodel"):
+        from ..formats import coreml
+
+        setter = getattr(coreml, "set_metadata", None)
+        if setter:
+            setter(Path(report.output), report.target_format,
+                   {"edgeops.lineage": json.dumps(record, sort_keys=True, default=str),
+                    "edgeops.parity": report.status})
+
+
+def _parity_summary(p: V.ParityReport | None) -> dict | None:
+    if p is None:
+        return None
+    return {"status": p.status, "max_abs": p.max_abs, "min_cosine": p.min_cosine,
+            "atol": p.atol, "rtol": p.rtol, "n_inputs": p.n_inputs,
+            "input_source": p.input_source, "reason": p.reason}
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)

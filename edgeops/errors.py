@@ -1,0 +1,74 @@
+"""Typed errors and the exit codes they map to.
+
+The library raises these; only the CLI turns them into a message and an exit code.
+Exit codes (documented in the README):
+  0  ok
+  1  verification failed (parity breach) or a budget was not met
+  2  usage or input error: bad option, unknown/corrupt/unsafe file, no conversion route,
+     an op the converter does not support
+  3  environment: a missing optional extra, an unreachable device
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_VERIFY = 1
+EXIT_INPUT = 2
+EXIT_ENV = 3
+
+
+class EdgeopsError(Exception):
+    """Base error: a one-line message for people, an optional hint, an exit code."""
+
+    exit_code = EXIT_INPUT
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(EdgeopsError):
+    """A bad option or combination of options."""
+
+
+class FormatError(EdgeopsError):
+    """The file is unknown, truncated, corrupt, or a format edgeops refuses."""
+
+
+class UnsafePickleError(FormatError):
+    """A pickle reaches globals outside the allow-list; it was not loaded."""
+
+
+class ConversionError(EdgeopsError):
+    """No route, or a converter failed (for example an unsupported op)."""
+
+
+class VerificationError(EdgeopsError):
+    """Outputs of the converted model do not match the source within tolerance."""
+
+    exit_code = EXIT_VERIFY
+
+
+class MissingExtraError(EdgeopsError):
+    """An optional dependency group is not installed."""
+
+    exit_code = EXIT_ENV
+
+    def __init__(self, extra: str, module: str, what: str | None = None):
+        need = f" for {what}" if what else ""
+        super().__init__(
+            f"{module} is not installed{need}",
+            hint=f"pip install 'edgeops[{extra}]'",
+        )
+        self.extra = extra
+        self.module = module
+
+
+class NotExecutableError(EdgeopsError):
+    """The model cannot be executed on this machine (e.g. Core ML on Linux)."""
+
+    exit_code = EXIT_ENV

@@ -1,0 +1,216 @@
+"""ONNX: detection, signature, onnxruntime runner, and inspection (params incl. Constant
+nodes and subgraphs, opsets, lineage metadata).
+
+onnx and onnxruntime are core dependencies, so this module imports them at call time
+only to keep `import edgeops` fast, not because they are optional.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FormatError
+from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec, scan_protobuf_prefix
+
+FORMATS = (
+    FormatInfo("onnx", "onnx", "ONNX model", None, suffixes=(".onnx",)),
+)
+
+# ModelProto: 1 ir_version (varint), 2 producer_name, 3 producer_version, 4 domain,
+# 5 model_version, 6 doc_string, 7 graph, 8 opset_import, 14 metadata_props, 20 training_info,
+# 25 functions, 26 configuration.
+_ONNX_FIELDS = {1, 2, 3, 4, 5, 6, 7, 8, 14, 20, 25, 26}
+
+
+def detect(probe: Probe) -> str | None:
+    if probe.is_dir or not probe.head or probe.is_zip or probe.is_pickle or probe.is_hdf5:
+        return None
+    fields, complete = scan_protobuf_prefix(probe.path.read_bytes())
+    if complete:
+        if fields.get(1) == 0 and fields.get(7) == 2 and set(fields) <= _ONNX_FIELDS:
+            return "onnx"
+        return None
+    # A cut-off ONNX file still starts with ir_version and ONNX-only fields.
+    if fields.get(1) == 0 and (fields.keys() & {3, 7, 8}) and set(fields) <= _ONNX_FIELDS:
+        raise FormatError(f"{probe.path}: ONNX model is truncated or corrupt "
+                          f"(protobuf ends mid-field after {probe.size} bytes)")
+    return None
+
+
+def load(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None, external_data: bool = True):
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError ...
+        raise FormatError(f"{path}: cannot read ONNX model: {_first_line(exc)}") from exc
+
+
+def save(model, path: Path, fmt: str = "onnx") -> None:
+    import onnx
+
+    big = model.ByteSize() > (1 << 31) - (1 << 20)
+    onnx.save(model, str(path), save_as_external_data=big)
+
+
+def _np_dtype(elem_type: int) -> str:
+    from onnx import helper
+
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:
+        return f"onnx:{elem_type}"
+
+
+def _value_spec(vi) -> TensorSpec:
+    t = vi.type
+    kind = t.WhichOneof("value")
+    if kind != "tensor_type":
+        return TensorSpec(vi.name, kind or "unknown", None)
+    tt = t.tensor_type
+    if not tt.HasField("shape"):
+        return TensorSpec(vi.name, _np_dtype(tt.elem_type), None)
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorSpec(vi.name, _np_dtype(tt.elem_type), tuple(dims))
+
+
+def signature_of(model) -> Signature:
+    inits = {i.name for i in model.graph.initializer}
+    ins = tuple(_value_spec(v) for v in model.graph.input if v.name not in inits)
+    outs = tuple(_value_spec(v) for v in model.graph.output)
+    return Signature(ins, outs)
+
+
+def signature(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> Signature:
+    return signature_of(load(path, external_data=False))
+
+
+class OnnxRunner:
+    """onnxruntime CPU session behind the common Runner interface."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise FormatError(f"{path}: onnxruntime cannot load the model: {_first_line(exc)}") from exc
+        self.signature = signature(path)
+        self._out_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(self._out_names, feeds)
+        return dict(zip(self._out_names, outs))
+
+
+def runner(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None, threads: int | None = None):
+    return OnnxRunner(path, threads)
+
+
+# dtypes that hold weights; int64 tensors in a graph are shapes and indices, not weights
+_NON_WEIGHT = {"int64", "bool", "object", "str"}
+
+
+def _tensor_numel(t) -> tuple[int, str]:
+    dt = _np_dtype(t.data_type)
+    return int(np.prod(t.dims)) if len(t.dims) else 1, dt
+
+
+def count_params(graph) -> dict[str, int]:
+    """Weights in initializers, in Constant nodes, and inside subgraphs (If/Loop/Scan)."""
+    from onnx import AttributeProto
+
+    counts = {"initializers": 0, "constants": 0, "subgraphs": 0}
+
+    def add(key: str, t) -> None:
+        n, dt = _tensor_numel(t)
+        if dt not in _NON_WEIGHT:
+            counts[key] += n
+
+    def walk(g, nested: bool) -> None:
+        for t in g.initializer:
+            add("subgraphs" if nested else "initializers", t)
+        for st in g.sparse_initializer:
+            add("subgraphs" if nested else "initializers", st.values)
+        for node in g.node:
+            for a in node.attribute:
+                if node.op_type == "Constant":
+                    key = "subgraphs" if nested else "constants"
+                    if a.type == AttributeProto.TENSOR:
+                        add(key, a.t)
+                    elif a.type == AttributeProto.SPARSE_TENSOR:
+                        add(key, a.sparse_tensor.values)
+                    elif a.type == AttributeProto.FLOATS:
+                        counts[key] += len(a.floats)
+                if a.type == AttributeProto.GRAPH:
+                    walk(a.g, True)
+                elif a.type == AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        walk(sg, True)
+
+    walk(graph, False)
+    counts["total"] = counts["initializers"] + counts["constants"] + counts["subgraphs"]
+    return counts
+
+
+def metadata(model) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> dict:
+    model = load(path)
+    counts = count_params(model.graph)
+    ops: dict[str, int] = {}
+
+    def walk(g) -> None:
+        from onnx import AttributeProto
+
+        for n in g.node:
+            key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+            ops[key] = ops.get(key, 0) + 1
+            for a in n.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    walk(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        walk(sg)
+
+    walk(model.graph)
+    meta = metadata(model)
+    lineage = None
+    if "edgeops.lineage" in meta:
+        try:
+            lineage = json.loads(meta["edgeops.lineage"])
+        except ValueError:
+            lineage = meta["edgeops.lineage"]
+    return {
+        "params": counts["total"],
+        "params_breakdown": counts,
+        "opset": {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import},
+        "ir_version": int(model.ir_version),
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "nodes": sum(ops.values()),
+        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "metadata": {k: v for k, v in meta.items() if k != "edgeops.lineage"},
+        "lineage": lineage,
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
