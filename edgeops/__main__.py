@@ -1,0 +1,5 @@
+"""`python -m edgeops` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""The main demo: real models from three frameworks, converted and checked by the CLI.
+
+Run it with `./dev demo` (sets up the venv first). It trains small models on
+scikit-learn's bundled digits data (no download), saves them the way users do, and runs
+the same `edgeops` commands a user would type, printing each one:
+
+  1. a scikit-learn RandomForest (joblib) -> ONNX, checked on real digits
+  2. a PyTorch CNN (TorchScript) -> ONNX -> Core ML (.mlpackage; Core ML cannot execute
+     on Linux, and the report says so instead of claiming parity)
+  3. a Keras 3 CNN (.h5) -> ONNX
+  4. what edgeops refuses: a malicious pickle (never executed), a bare state dict,
+     a truncated file -- each with one line and a nonzero exit code
+  5. a parity breach made visible: the same conversion with a zero tolerance exits 1
+
+Outputs go to ./demo-out (or the folder given as the first argument).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out").resolve()
+EDGEOPS = [sys.executable, "-m", "edgeops"]
+
+
+def run(*args: str, expect: int = 0) -> None:
+    shown = "edgeops " + " ".join(shlex.quote(str(a)) for a in args)
+    print(f"\n$ {shown}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([*EDGEOPS, *map(str, args)], cwd=OUT)
+    print(f"[exit {proc.returncode}, {time.perf_counter() - t0:.1f}s]", flush=True)
+    if proc.returncode != expect:
+        sys.exit(f"demo: expected exit {expect} from: {shown}")
+
+
+def digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    return train_test_split(X.astype(np.float32) / 16.0, y, test_size=0.25, random_state=0)
+
+
+def make_sklearn(Xtr, ytr, Xte) -> None:
+    import joblib
+    from sklearn.ensemble import RandomForestClassifier
+
+    rf = RandomForestClassifier(n_estimators=30, max_depth=10, random_state=0).fit(Xtr, ytr)
+    joblib.dump(rf, OUT / "digits_rf.joblib")
+    np.savez(OUT / "digits_test.npz", X=Xte)
+
+
+def make_torch(Xtr, ytr) -> None:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 10))
+    x = torch.from_numpy(Xtr.reshape(-1, 1, 8, 8))
+    y = torch.from_numpy(ytr)
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+    net.eval()
+    torch.jit.trace(net, x[:2]).save(str(OUT / "digits_cnn.pt"))
+    torch.save(net.state_dict(), OUT / "digits_cnn_state_dict.pt")
+    print(f"torch CNN trained, final loss {loss.item():.3f}")
+
+
+def make_keras(Xtr, ytr) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(8, 3, padding="same"), keras.layers.BatchNormalization(),
+        keras.layers.ReLU(), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(Xtr.reshape(-1, 8, 8, 1), ytr, epochs=3, verbose=0)
+    model.save(OUT / "digits_cnn_keras3.h5")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {OUT / 'PWNED'}",))
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for stale in OUT.glob("PWNED"):
+        stale.unlink()
+    Xtr, Xte, ytr, _ = digits()
+    print(f"== building models in {OUT}")
+    make_sklearn(Xtr, ytr, Xte)
+    make_torch(Xtr, ytr)
+    make_keras(Xtr, ytr)
+    (OUT / "evil.pkl").write_bytes(pickle.dumps(_Payload()))
+    data = (OUT / "digits_cnn.pt").read_bytes()
+    (OUT / "truncated.pt").write_bytes(data[: len(data) // 2])
+
+    print("\n== 1. scikit-learn -> ONNX, verified on the real digits test set")
+    run("inspect", "digits_rf.joblib")
+    run("convert", "digits_rf.joblib", "-o", "digits_rf.onnx", "--inputs", "digits_test.npz")
+
+    print("\n== 2. PyTorch TorchScript -> ONNX -> Core ML")
+    run("convert", "digits_cnn.pt", "-o", "digits_cnn.onnx", "--shape", "x=1,1,8,8")
+    run("inspect", "digits_cnn.onnx")
+    run("convert", "digits_cnn.onnx", "-o", "digits_cnn.mlpackage")
+
+    print("\n== 3. Keras 3 .h5 -> ONNX")
+    run("convert", "digits_cnn_keras3.h5", "-o", "digits_cnn_keras.onnx")
+
+    print("\n== 4. refusals: one line each, nonzero exit, nothing executed")
+    run("inspect", "evil.pkl", expect=2)
+    assert not (OUT / "PWNED").exists(), "the payload ran!"
+    print("   (the payload did not run: no PWNED file)")
+    run("inspect", "digits_cnn_state_dict.pt", expect=2)
+    run("convert", "truncated.pt", "-o", "x.onnx", expect=2)
+
+    print("\n== 5. a parity breach is a failure, not a warning")
+    run("convert", "digits_rf.joblib", "-o", "strict.onnx", "--inputs", "digits_test.npz",
+        "--atol", "0", "--rtol", "0", expect=1)
+
+    print("\n== the conversion matrix on this machine")
+    run("formats")
+    print(f"\ndemo finished: outputs and reports in {OUT}")
+
+
+if __name__ == "__main__":
+    main()
