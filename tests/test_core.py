@@ -15,7 +15,7 @@ from edgeops import convert as C
 from edgeops import formats as F
 from edgeops import verify as V
 from edgeops.errors import ConversionError, FormatError, UsageError
-from edgeops.formats.base import scan_protobuf, scan_protobuf_prefix
+from edgeops.formats.base import scan_protobuf, scan_protobuf_file, scan_protobuf_prefix
 
 
 def _linear_onnx(path, with_if=False):
@@ -99,6 +99,12 @@ def test_protobuf_scanner():
     seen, complete = scan_protobuf_prefix(buf[:-1])
     assert not complete and 1 in seen
     assert scan_protobuf(b"\xff\xff\xff") is None
+    # the streaming scanner agrees with the in-memory one, whole and cut
+    import io
+
+    for cut in (len(buf), len(buf) - 1, 3, 1):
+        b = buf[:cut]
+        assert scan_protobuf_file(io.BytesIO(b), len(b)) == scan_protobuf_prefix(b)
 
 
 # ----------------------------------------------------------------------------- ONNX plugin

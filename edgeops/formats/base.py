@@ -170,9 +170,17 @@ class Probe:
         tells ONNX (1:varint, 7:graph, 8:opset), Core ML (1:varint, 2:description,
         field >= 200 model type) and TF GraphDef (1:NodeDef messages) apart.
         """
+        fields, complete = self.proto_prefix
+        return fields if complete else None
+
+    @cached_property
+    def proto_prefix(self) -> tuple[dict[int, int], bool]:
+        """(top-level fields seen, walk completed) -- see scan_protobuf_prefix. Streams the
+        file and seeks over payloads, so a 2 GB model costs a few reads, not 2 GB of RAM."""
         if not self.path.is_file() or self.size == 0:
-            return None
-        return scan_protobuf(self.path.read_bytes())
+            return {}, False
+        with open(self.path, "rb") as f:
+            return scan_protobuf_file(f, self.size)
 
     def sha256(self) -> str:
         return sha256_path(self.path)
@@ -234,6 +242,52 @@ def scan_protobuf_prefix(buf: bytes, max_fields: int = 1_000_000) -> tuple[dict[
                 return fields, False
     except ValueError:
         return fields, False
+    return fields, False
+
+
+def _read_varint(f) -> int | None:
+    result = shift = 0
+    while shift <= 63:
+        b = f.read(1)
+        if not b:
+            return None
+        result |= (b[0] & 0x7F) << shift
+        if not b[0] & 0x80:
+            return result
+        shift += 7
+    return None
+
+
+def scan_protobuf_file(f, size: int, max_fields: int = 1_000_000) -> tuple[dict[int, int], bool]:
+    """scan_protobuf_prefix over an open binary file, seeking over field payloads."""
+    fields: dict[int, int] = {}
+    for _ in range(max_fields):
+        pos = f.tell()
+        if pos == size:
+            return fields, True
+        key = _read_varint(f)
+        if key is None:
+            return fields, False
+        num, wt = key >> 3, key & 7
+        if num == 0 or wt not in (0, 1, 2, 5):
+            return fields, False
+        if wt == 0:
+            if _read_varint(f) is None:
+                return fields, False
+            end = f.tell()
+        elif wt == 2:
+            ln = _read_varint(f)
+            if ln is None:
+                return fields, False
+            end = f.tell() + ln
+        else:
+            end = f.tell() + (8 if wt == 1 else 4)
+        if fields.get(num, wt) != wt:
+            return fields, False
+        fields[num] = wt  # recorded even when cut off: the tag itself was intact
+        if end > size:
+            return fields, False
+        f.seek(end)
     return fields, False
 
 

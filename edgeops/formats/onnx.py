@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FormatError
-from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec, scan_protobuf_prefix
+from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec
 
 FORMATS = (
     FormatInfo("onnx", "onnx", "ONNX model", None, suffixes=(".onnx",)),
@@ -28,7 +28,7 @@ _ONNX_FIELDS = {1, 2, 3, 4, 5, 6, 7, 8, 14, 20, 25, 26}
 def detect(probe: Probe) -> str | None:
     if probe.is_dir or not probe.head or probe.is_zip or probe.is_pickle or probe.is_hdf5:
         return None
-    fields, complete = scan_protobuf_prefix(probe.path.read_bytes())
+    fields, complete = probe.proto_prefix
     if complete:
         if fields.get(1) == 0 and fields.get(7) == 2 and set(fields) <= _ONNX_FIELDS:
             return "onnx"
