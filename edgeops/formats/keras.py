@@ -18,6 +18,7 @@ import json
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,8 @@ def _lambda_layers(config) -> list[str]:
 
 _UNKNOWN_PATTERNS = (
     re.compile(r"Could not locate (?:class|function) '([^']+)'"),
-    re.compile(r"Unknown (?:layer|object|class|activation|loss|metric)[^:]*: '?([\w.]+)'?"),
-    re.compile(r"'([\w.]+)' is not a registered"),
+    re.compile(r"Unknown (?:layer|object|class|activation|loss|metric)[^:]*: '?([\w.>]+)'?"),
+    re.compile(r"'([\w.>]+)' is not a registered"),
 )
 
 
@@ -194,20 +195,38 @@ def _load(path: Path, fmt: str, opts: LoadOptions):
             "loading the model would run it",
             hint="pass --trust-pickle (trust_pickle=True) only if you trust the file's origin")
     keras = extras.require("keras", what="loading Keras models")
-    try:
-        model = keras.saving.load_model(str(path), compile=False, safe_mode=not opts.trust_pickle)
-        return model, f"keras {keras.__version__}"
-    except Exception as exc:  # Keras raises ValueError/TypeError/KeyError/OSError ...
-        first = exc
-    # Keras 3 reads nearly every tf-keras .h5; some old layer configs only tf_keras knows.
-    if fmt == "keras-h5" and not facts.get("keras_version", "").startswith("3"):
+    with _conventional_name(path, fmt) as p:
         try:
-            tf_keras = extras.require("tf_keras", what="loading Keras 2 .h5 files")
-            model = tf_keras.models.load_model(str(path), compile=False)
-            return model, f"tf_keras {tf_keras.__version__}"
-        except Exception:
-            pass  # report Keras 3's error: it is the primary loader
+            model = keras.saving.load_model(str(p), compile=False, safe_mode=not opts.trust_pickle)
+            return model, f"keras {keras.__version__}"
+        except Exception as exc:  # Keras raises ValueError/TypeError/KeyError/OSError ...
+            first = exc
+        # Keras 3 reads nearly every tf-keras .h5; some old layer configs only tf_keras knows.
+        if fmt == "keras-h5" and not facts.get("keras_version", "").startswith("3"):
+            try:
+                tf_keras = extras.require("tf_keras", what="loading Keras 2 .h5 files")
+                model = tf_keras.models.load_model(str(p), compile=False)
+                return model, f"tf_keras {tf_keras.__version__}"
+            except Exception:
+                pass  # report Keras 3's error: it is the primary loader
     raise _load_error(path, first) from first
+
+
+@contextmanager
+def _conventional_name(path: Path, fmt: str):
+    """Keras picks its reader from the file suffix; detection went by content, so a
+    model saved as "model.bin" gets a temporary symlink (or copy) named model.h5/.keras."""
+    want = (".keras",) if fmt == "keras-v3" else (".h5", ".hdf5")
+    if path.suffix.lower() in want:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="edgeops-keras-") as tmp:
+        link = Path(tmp) / f"model{want[0]}"
+        try:
+            link.symlink_to(path.resolve())
+        except OSError:  # no symlinks (Windows without privilege)
+            shutil.copyfile(path, link)
+        yield link
 
 
 def _load_error(path: Path, exc: BaseException) -> FormatError:
@@ -319,6 +338,28 @@ def _as_list(out) -> list:
     return [out]
 
 
+def input_packer(model):
+    """A function packing a list of inputs (in `model.inputs` order) the way the model
+    was built: a single tensor, a list, or a dict. Keras 3 warns -- and may mis-route
+    inputs -- when the structure differs, e.g. for a tf-keras file whose single input is
+    a one-element list. Built eagerly, so the returned function is plain enough for
+    autograph to trace inside a tf.function."""
+    struct = getattr(model, "_inputs_struct", None)  # Keras 3 Functional
+    if struct is not None:
+        keras = extras.require("keras")
+        pack = keras.tree.pack_sequence_as
+        n = len(keras.tree.flatten(struct))
+        if n == len(model.inputs):
+            return lambda args: pack(struct, list(args))
+    return lambda args: list(args) if len(args) > 1 else args[0]
+
+
+def call_model(model, args: list, training: bool = False, packer=None):
+    """Call a Keras model with inputs in `model.inputs` order (see input_packer)."""
+    packer = packer or input_packer(model)
+    return model(packer(args), training=training)
+
+
 class KerasRunner:
     """The Keras model called eagerly with training=False (BatchNorm/Dropout in inference)."""
 
@@ -328,6 +369,7 @@ class KerasRunner:
         self.signature = signature_of(model)
         self._in = [s.name for s in self.signature.inputs]
         self._out = [s.name for s in self.signature.outputs]
+        self._pack = input_packer(model)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self._in if n not in feeds]
@@ -335,7 +377,7 @@ class KerasRunner:
             raise FormatError(f"missing input(s) {missing}; the model takes {self._in}")
         args = [np.asarray(feeds[s.name], dtype=s.dtype) if s.dtype != "str" else feeds[s.name]
                 for s in self.signature.inputs]
-        out = self.model(args if len(args) > 1 else args[0], training=False)
+        out = call_model(self.model, args, packer=self._pack)
         arrays = [np.asarray(getattr(t, "numpy", lambda t=t: t)()) for t in _as_list(out)]
         return dict(zip(self._out, arrays))
 
