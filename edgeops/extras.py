@@ -21,6 +21,10 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "tensorflow": ("tensorflow", "tf2onnx", "h5py"),
     "torch": ("torch", "onnxscript", "onnx2torch"),
     "coreml": ("coremltools",),
+    # onnx2tf itself must be installed with --no-deps (it pins old numpy/onnx/protobuf
+    # and a second TensorFlow); the rest install normally
+    "onnx2tf": ("onnx2tf", "tensorflow", "ai_edge_litert", "onnx_graphsurgeon", "sng4onnx", "psutil"),
+    "tflite": ("ai_edge_litert",),
 }
 
 # module -> the extra that provides it (for error messages)

@@ -64,7 +64,6 @@ def test_truncated_onnx_is_named(tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     (b"", "empty"),
-    (b"\x00\x00\x00\x00TFL3" + b"\x00" * 64, "TensorFlow Lite"),
     (b"GGUF\x03\x00\x00\x00" + b"\x00" * 64, "GGUF"),
     (b"\x93NUMPY\x01\x00" + b"\x00" * 64, "not a model"),
     (b"hello, this is just text\n" * 4, "text file"),

@@ -296,3 +296,28 @@ def test_inspect(built):
     gd = T.inspect(built["graphdef"], "graphdef")
     assert gd["params"] == module_params and gd["ops"].get("Conv2D") == 1
     assert gd["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [None, 16, 16, 3]}
+
+
+@pytest.mark.slow
+def test_savedmodel_with_captured_constants(tmp_path):
+    """Weights captured as constants (as onnx2tf writes SavedModels) must not turn into
+    extra ONNX inputs; params count them."""
+    import tensorflow as tf
+
+    from edgeops import convert as C
+    from edgeops.inspect import inspect_model
+
+    class M(tf.Module):
+        def __init__(self):
+            self.w = tf.constant(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32))
+            self.b = tf.constant(np.ones(3, np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def __call__(self, x):
+            return {"y": tf.matmul(x, self.w) + self.b}
+
+    m = M()
+    tf.saved_model.save(m, str(tmp_path / "sm"), signatures=m.__call__)
+    rep = C.convert(tmp_path / "sm", tmp_path / "sm.onnx")
+    assert rep.passed, rep.message
+    assert inspect_model(tmp_path / "sm")["params"] >= 15

@@ -61,6 +61,10 @@ EDGES: tuple[Edge, ...] = (
     # ONNX -> others
     Edge("onnx", "torchscript", _C + "torch:onnx_to_torchscript", ("torch",), "onnx2torch + trace",
          note="onnx2torch covers opset <= 17 and not the ai.onnx.ml domain"),
+    Edge("onnx", "savedmodel", _C + "onnx2tf:onnx_to_savedmodel", ("onnx2tf",), "onnx2tf",
+         note="inputs keep their ONNX (NCHW) layout; outputs keep ONNX names"),
+    Edge("onnx", "tflite", _C + "onnx2tf:onnx_to_tflite", ("onnx2tf",), "onnx2tf",
+         note="float32 (fp16 weights with --precision fp16); inputs keep their ONNX layout"),
     # -> Core ML (ML program .mlpackage, or neural network .mlmodel when asked)
     Edge("torchscript", "mlpackage", _C + "coreml:torch_to_coreml", ("torch", "coreml"), "coremltools"),
     Edge("torchscript", "mlmodel", _C + "coreml:torch_to_coreml", ("torch", "coreml"), "coremltools"),

@@ -179,6 +179,11 @@ def _function_to_onnx(call, sig, dst: Path, ctx: ConvertContext, tool: str, extr
         except Exception as exc:
             raise ConversionError(f"{tool} failed: {_first_line(exc)}") from exc
     _check(model, records, tool)
+    if len(model.graph.input) != len(sig.inputs):
+        # Tensors the function captures (constants baked into a SavedModel, as onnx2tf
+        # writes them) become extra graph inputs in from_function; freezing the concrete
+        # function turns them into constants first.
+        model = _frozen_to_onnx(fn, tf, tf2onnx, opset, tool)
     g = model.graph
     if len(g.input) != len(sig.inputs) or len(g.output) != len(sig.outputs):
         raise ConversionError(
@@ -197,6 +202,22 @@ def _function_to_onnx(call, sig, dst: Path, ctx: ConvertContext, tool: str, extr
     onnx.save(model, str(dst))
     return {"tool": tool, "opset": opset, "inputs": [s.name for s in sig.inputs],
             "outputs": [s.name for s in sig.outputs], "tensorflow": tf.__version__, **extra}
+
+
+def _frozen_to_onnx(fn, tf, tf2onnx, opset: int, tool: str):
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    frozen = convert_variables_to_constants_v2(fn.get_concrete_function())
+    ins = [t.name for t in frozen.inputs if t.dtype != tf.resource]
+    outs = [t.name for t in frozen.outputs]
+    with _tf2onnx_log() as records:
+        try:
+            model, _ = tf2onnx.convert.from_graph_def(
+                frozen.graph.as_graph_def(), input_names=ins, output_names=outs, opset=opset)
+        except Exception as exc:
+            raise ConversionError(f"{tool} failed: {_first_line(exc)}") from exc
+    _check(model, records, tool)
+    return model
 
 
 # ----------------------------------------------------------------------------- edges

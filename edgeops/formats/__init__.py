@@ -33,8 +33,8 @@ __all__ = [
 
 # Detection order matters only where two families could both claim a file: torch
 # before sklearn, because torch's legacy save format is itself a pickle; "other"
-# last, because it recognises formats edgeops refuses (TFLite, safetensors, ...).
-FAMILIES = ("onnx", "coreml", "tensorflow", "keras", "torch", "sklearn", "other")
+# last, because it recognises formats edgeops refuses (safetensors, GGUF, ...).
+FAMILIES = ("onnx", "coreml", "tensorflow", "keras", "torch", "sklearn", "tflite", "other")
 
 
 @lru_cache(maxsize=None)

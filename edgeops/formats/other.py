@@ -1,7 +1,7 @@
 """Formats edgeops recognises only to refuse clearly, and the "unknown format" message.
 
-Users point tools at whatever model file they have. Saying "this is a TFLite flatbuffer,
-which edgeops does not read" is worth as much as a conversion; "unknown format" is
+Users point tools at whatever model file they have. Saying "this is a safetensors file:
+weights only" is worth as much as a conversion; "unknown format" is
 reserved for files nothing recognises, and then it says what the bytes look like.
 """
 
@@ -12,9 +12,6 @@ import json
 from .base import FormatInfo, Probe
 
 FORMATS = (
-    FormatInfo("tflite", "other", "TensorFlow Lite flatbuffer", None,
-               refused="edgeops does not read TFLite models yet; convert the source model "
-                       "(SavedModel/Keras/ONNX) instead"),
     FormatInfo("safetensors", "other", "safetensors weights file", None,
                refused="weights only, the model's code is needed: export the model to ONNX, "
                        "TorchScript or torch.export first"),
@@ -41,8 +38,6 @@ def detect(probe: Probe) -> str | None:
         if "checkpoint" in names or any(n.endswith(".index") for n in names):
             return "tf-checkpoint"
         return None
-    if head[4:8] == b"TFL3":
-        return "tflite"
     if head[:4] == b"GGUF":
         return "gguf"
     if head[:6] == b"\x93NUMPY":

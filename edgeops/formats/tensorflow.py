@@ -410,11 +410,16 @@ def inspect(path: Path, fmt: str = "savedmodel", opts: LoadOptions | None = None
             tf_version = tf_version or mg.meta_info_def.tensorflow_version
             tags.append(list(mg.meta_info_def.tags))
         params, nvars = _variable_params(d)
+        # weights baked into the graph as constants (onnx2tf and frozen exports do that)
+        consts = sum(_const_params(mg.graph_def.node)
+                     + sum(_const_params(f.node_def) for f in mg.graph_def.library.function)
+                     for mg in sm.meta_graphs)
         sig = None
         if SERVING in sigs:
             sig = signature(path, fmt, opts)
         return {
-            "params": params,
+            "params": params + consts,
+            "params_breakdown": {"variables": params, "constants": consts},
             "variables": nvars,
             "signatures": sorted(set(sigs)),
             "tags": tags,
