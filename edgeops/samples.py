@@ -171,6 +171,12 @@ def tensorflow_models(d: Path) -> list[Sample]:
     p = d / "tf_frozen.pb"
     p.write_bytes(frozen.graph.as_graph_def().SerializeToString())
     out.append(Sample("tf_frozen_graphdef", "graphdef", p))
+
+    # a TFLite flatbuffer written by TensorFlow's own converter
+    conv = tf.lite.TFLiteConverter.from_keras_model(mlp)
+    p = d / "tf_mlp.tflite"
+    p.write_bytes(conv.convert())
+    out.append(Sample("tflite_mlp", "tflite", p))
     return out
 
 

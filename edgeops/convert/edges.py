@@ -54,6 +54,7 @@ EDGES: tuple[Edge, ...] = (
          note="via tf.function"),
     Edge("savedmodel", "onnx", _C + "tensorflow:savedmodel_to_onnx", ("tensorflow",), "tf2onnx"),
     Edge("graphdef", "onnx", _C + "tensorflow:graphdef_to_onnx", ("tensorflow",), "tf2onnx"),
+    Edge("tflite", "onnx", _C + "tensorflow:tflite_to_onnx", ("tensorflow",), "tf2onnx (TFLite frontend)"),
     Edge("torchscript", "onnx", _C + "torch:torchscript_to_onnx", ("torch",),
          "torch.onnx (TorchScript exporter)", note="dynamo=True refuses ScriptModules"),
     Edge("torch-export", "onnx", _C + "torch:exported_to_onnx", ("torch",),

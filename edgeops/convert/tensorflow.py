@@ -290,3 +290,34 @@ def graphdef_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def tflite_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
+    """TFLite flatbuffer -> ONNX with tf2onnx's TFLite frontend. ONNX inputs/outputs
+    are renamed (by position) to the names the TFLite runner uses, so verify matches
+    them by name."""
+    tool = _tool_version()
+    tf2onnx = extras.require("tf2onnx", what="converting TFLite models to ONNX")
+    import onnx
+
+    from ..formats import tflite as tflite_fmt
+
+    sig = tflite_fmt.signature(Path(src), "tflite", ctx.load)
+    opset = ctx.opset or DEFAULT_OPSET
+    with _tf2onnx_log() as records:
+        try:
+            model, _ = tf2onnx.convert.from_tflite(str(src), opset=opset)
+        except Exception as exc:
+            raise ConversionError(f"{tool} failed on the TFLite model: {_first_line(exc)}") from exc
+    _check(model, records, tool)
+    g = model.graph
+    if len(g.input) != len(sig.inputs) or len(g.output) != len(sig.outputs):
+        raise ConversionError(
+            f"{tool} produced {len(g.input)} input(s)/{len(g.output)} output(s), the TFLite "
+            f"model has {len(sig.inputs)}/{len(sig.outputs)}")
+    mapping = {vi.name: s.name for s, vi in zip(sig.inputs, g.input)}
+    mapping.update({vi.name: s.name for s, vi in zip(sig.outputs, g.output)})
+    _rename(model, mapping)
+    onnx.save(model, str(dst))
+    return {"tool": tool, "opset": opset, "inputs": [s.name for s in sig.inputs],
+            "outputs": [s.name for s in sig.outputs]}
