@@ -10,12 +10,12 @@ optimisation (edgeops.optimize).
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import json
 import shutil
 import tempfile
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -64,24 +64,25 @@ def edge_available(edge: Edge) -> bool:
 # ----------------------------------------------------------------------------- planner
 
 def _shortest(src: str, dst: str, usable: Callable[[Edge], bool]) -> list[Edge] | None:
+    """Cheapest route by summed edge cost (Dijkstra); ties go to fewer hops, then to the
+    alphabetically first route, so plans are deterministic."""
     if src == dst:
         return []
-    prev: dict[str, Edge] = {}
-    seen = {src}
-    queue = deque([src])
-    while queue:
-        node = queue.popleft()
-        for e in sorted(_EDGES.values(), key=lambda e: e.key):
-            if e.source != node or e.target in seen or not usable(e):
+    best: dict[str, tuple[float, int]] = {src: (0.0, 0)}
+    heap: list[tuple[float, int, list[str], str, tuple[Edge, ...]]] = [(0.0, 0, [], src, ())]
+    while heap:
+        cost, hops, _keys, node, path = heapq.heappop(heap)
+        if node == dst:
+            return list(path)
+        if best.get(node, (float("inf"), 0)) < (cost, hops):
+            continue
+        for e in _EDGES.values():
+            if e.source != node or not usable(e):
                 continue
-            prev[e.target] = e
-            if e.target == dst:
-                path = [e]
-                while path[0].source != src:
-                    path.insert(0, prev[path[0].source])
-                return path
-            seen.add(e.target)
-            queue.append(e.target)
+            c = (cost + e.cost, hops + 1)
+            if c < best.get(e.target, (float("inf"), 0)):
+                best[e.target] = c
+                heapq.heappush(heap, (*c, [*_keys, e.target], e.target, (*path, e)))
     return None
 
 

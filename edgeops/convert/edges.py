@@ -28,6 +28,7 @@ class Edge:
     atol: float = 1e-4             # parity tolerance for this hop (fp32 default)
     rtol: float = 1e-3
     note: str = ""
+    cost: float = 1.0              # planner weight: heavier or less faithful routes cost more
 
     def __post_init__(self):
         if self.source == self.target:
@@ -36,6 +37,8 @@ class Edge:
             raise ValueError(f"edge func must be 'module:function', got {self.func!r}")
         if self.atol < 0 or self.rtol < 0:
             raise ValueError("tolerances must be >= 0")
+        if self.cost <= 0:
+            raise ValueError("edge cost must be > 0")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -62,8 +65,10 @@ EDGES: tuple[Edge, ...] = (
     # ONNX -> others
     Edge("onnx", "torchscript", _C + "torch:onnx_to_torchscript", ("torch",), "onnx2torch + trace",
          note="onnx2torch covers opset <= 17 and not the ai.onnx.ml domain"),
+    # onnx2tf rewrites the graph (NCHW -> NHWC inside) and pulls in TensorFlow: as a
+    # stepping stone to Core ML it costs more than onnx2torch
     Edge("onnx", "savedmodel", _C + "onnx2tf:onnx_to_savedmodel", ("onnx2tf",), "onnx2tf",
-         note="inputs keep their ONNX (NCHW) layout; outputs keep ONNX names"),
+         note="inputs keep their ONNX (NCHW) layout; outputs keep ONNX names", cost=1.5),
     Edge("onnx", "tflite", _C + "onnx2tf:onnx_to_tflite", ("onnx2tf",), "onnx2tf",
          note="float32 (fp16 weights with --precision fp16); inputs keep their ONNX layout"),
     # -> Core ML (ML program .mlpackage, or neural network .mlmodel when asked)
