@@ -102,7 +102,7 @@ def _shadow(tmp_path: Path, module: str) -> dict:
     """A directory that hides `module`: importing it raises ImportError, as when absent."""
     d = tmp_path / "shadow"
     (d / module).mkdir(parents=True)
-    (d / module / "__init__.py").write_text(f"raise ImportError('No module named {module!r}')\n")
+    (d / module / "__init__.py").write_text(f'raise ImportError("No module named {module!r}")\n')
     return {"PYTHONPATH": f"{d}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
@@ -111,3 +111,16 @@ def test_missing_extra_exit_3(tmp_path):
     r = edgeops("convert", p, "-o", tmp_path / "m.pt", env=_shadow(tmp_path, "torch"))
     assert r.returncode == 3, r.stderr
     assert "pip install 'edgeops[torch]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_sklearn_extra_exit_3(tmp_path):
+    import joblib
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_iris(return_X_y=True)
+    p = tmp_path / "lr.joblib"
+    joblib.dump(LogisticRegression(max_iter=300).fit(X, y), p)
+    r = edgeops("inspect", p, env=_shadow(tmp_path, "sklearn"))
+    assert r.returncode == 3, r.stderr
+    assert "pip install 'edgeops[sklearn]'" in r.stderr and "Traceback" not in r.stderr
