@@ -4,7 +4,7 @@
 
 For every sample model (edgeops.samples: scikit-learn, Keras 2/3, TF SavedModel and
 frozen GraphDef, TorchScript, torch.export, ONNX) and every target format the planner
-reaches (onnx, torchscript, mlpackage, mlmodel), it runs `edgeops.convert.convert` --
+reaches (onnx, torchscript, tflite, savedmodel, mlpackage, mlmodel), it runs `edgeops.convert.convert` --
 which verifies every hop -- and prints: status, the route, the worst max abs error over
 the hops (and end to end), and wall-clock seconds including verification.
 
@@ -26,11 +26,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from edgeops import convert as C  # noqa: E402
-from edgeops import formats as F  # noqa: E402
 from edgeops.errors import EdgeopsError  # noqa: E402
 from edgeops.samples import BUILDERS, build_all  # noqa: E402
 
-TARGETS = ("onnx", "torchscript", "mlpackage", "mlmodel")
+TARGETS = ("onnx", "torchscript", "tflite", "savedmodel", "mlpackage", "mlmodel")
 
 
 def main() -> int:
@@ -51,7 +50,7 @@ def main() -> int:
                 route = C.plan(s.format, tgt)
             except EdgeopsError:
                 continue
-            out = work / "out" / f"{s.name}{F.get_format(tgt).suffixes[0]}"
+            out = work / "out" / f"{s.name}-{tgt}{C._suffix_for(tgt)}"
             t = time.perf_counter()
             try:
                 rep = C.convert(s.path, out, to=tgt, shapes=s.shapes, inputs=s.inputs)

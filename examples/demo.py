@@ -119,7 +119,7 @@ def main() -> None:
     run("convert", "digits_rf.joblib", "-o", "digits_rf.onnx", "--inputs", "digits_test.npz")
 
     print("\n== 2. PyTorch TorchScript -> ONNX -> Core ML")
-    run("convert", "digits_cnn.pt", "-o", "digits_cnn.onnx", "--shape", "1,1,8,8")
+    run("convert", "digits_cnn.pt", "-o", "digits_cnn.onnx")  # traced: shapes are in the file
     run("inspect", "digits_cnn.onnx")
     run("convert", "digits_cnn.onnx", "-o", "digits_cnn.mlpackage")
 
