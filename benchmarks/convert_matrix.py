@@ -50,7 +50,7 @@ def main() -> int:
                 route = C.plan(s.format, tgt)
             except EdgeopsError:
                 continue
-            out = work / "out" / f"{s.name}-{tgt}{C._suffix_for(tgt)}"
+            out = work / "out" / f"{s.name}-{tgt}{C.suffix_for(tgt)}"
             t = time.perf_counter()
             try:
                 rep = C.convert(s.path, out, to=tgt, shapes=s.shapes, inputs=s.inputs)

@@ -47,7 +47,7 @@ def _check(rep, target):
 def test_every_edge(edge, samples, tmp_path):
     assert edge.source in samples, f"no sample model for {edge.source}"
     s = samples[edge.source][0]
-    out = tmp_path / f"out{C._suffix_for(edge.target)}"
+    out = tmp_path / f"out{C.suffix_for(edge.target)}"
     rep = C.convert(s.path, out, to=edge.target, shapes=s.shapes, inputs=s.inputs)
     assert [(h.source, h.target) for h in rep.hops] == [edge.key]
     _check(rep, edge.target)

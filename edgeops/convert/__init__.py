@@ -31,7 +31,7 @@ from .context import ConvertContext
 from .edges import EDGES, Edge
 
 __all__ = ["ConvertContext", "ConvertReport", "Edge", "HopReport", "convert", "edges",
-           "plan", "resolve"]
+           "plan", "resolve", "suffix_for"]
 
 REPORT_SUFFIX = ".edgeops.json"
 
@@ -170,7 +170,8 @@ class ConvertReport:
 
 # ----------------------------------------------------------------------------- convert
 
-def _suffix_for(fmt_id: str) -> str:
+def suffix_for(fmt_id: str) -> str:
+    """The conventional file suffix of a format ("" for directories like SavedModel)."""
     info = fmts.get_format(fmt_id)
     return info.suffixes[0] if info.suffixes else ""
 
@@ -246,7 +247,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
     try:
         for i, edge in enumerate(route):
             last = i == len(route) - 1
-            out_path = dst if last else workdir / f"hop{i + 1}-{edge.target}{_suffix_for(edge.target)}"
+            out_path = dst if last else workdir / f"hop{i + 1}-{edge.target}{suffix_for(edge.target)}"
             _remove(out_path)
             ctx = ConvertContext(edge.source, edge.target, hop_sig, feeds, workdir, opset,
                                  precision, opts, dict(options or {}))
