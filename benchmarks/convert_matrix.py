@@ -69,18 +69,54 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    hdr = f"{'model':<20} {'route':<36} {'status':<13} {'max abs':>9} {'sec':>6}  inputs"
+    hdr = f"{'model':<20} {'route':<46} {'status':<13} {'max abs':>9} {'sec':>6}  inputs"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         err = "-" if r["max_abs"] is None else f"{r['max_abs']:.2e}"
-        print(f"{r['model']:<20} {r['route']:<36} {r['status']:<13} {err:>9} {r['seconds']:>6.1f}  "
+        print(f"{r['model']:<20} {r['route']:<46} {r['status']:<13} {err:>9} {r['seconds']:>6.1f}  "
               f"{r['inputs']}{'  ' + r['note'] if r['status'] not in ('passed',) and r['note'] else ''}")
     ok = sum(r["status"] == "passed" for r in rows)
     ne = sum(r["status"] == "not-executed" for r in rows)
     print(f"\n{len(rows)} routes: {ok} passed parity, {ne} Core ML (validated, not executable on "
           f"this OS), {len(rows) - ok - ne} failed/refused")
+    print("\nbaseline: the converter alone, as a user would call it, on the same sample files")
+    for name, (status, detail) in baselines(samples, work).items():
+        print(f"  {name:<50} {status:<9} {detail}")
     return 0
+
+
+def baselines(samples, work: Path) -> dict[str, tuple[str, str]]:
+    """What the underlying tools do by default, without edgeops' route and checks."""
+    out: dict[str, tuple[str, str]] = {}
+    by_name = {s.name: s for s in samples}
+    if "keras3_cnn_h5" in by_name:
+        try:
+            import keras
+            import tf2onnx
+
+            m = keras.saving.load_model(by_name["keras3_cnn_h5"].path, compile=False)
+            tf2onnx.convert.from_keras(m, opset=17)
+            out["tf2onnx.convert.from_keras(Keras 3 .h5)"] = ("ok", "")
+        except Exception as exc:
+            out["tf2onnx.convert.from_keras(Keras 3 .h5)"] = (
+                "FAILS", f"{type(exc).__name__}: {str(exc)[:60]} (edgeops: passed, via tf.function)")
+    if "sk_rf" in by_name:
+        import joblib
+        import numpy as np
+        import onnxruntime as ort
+        import skl2onnx
+        from skl2onnx.common.data_types import FloatTensorType
+
+        rf = joblib.load(by_name["sk_rf"].path)
+        onx = skl2onnx.convert_sklearn(rf, initial_types=[("X", FloatTensorType([None, 64]))])
+        sess = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
+        res = sess.run(None, {"X": np.zeros((2, 64), np.float32)})
+        out["skl2onnx.convert_sklearn(RandomForest), defaults"] = (
+            "unchecked", f"probabilities come back as {type(res[1]).__name__} of "
+                         f"{type(res[1][0]).__name__} (ZipMap), and nothing compares them with "
+                         "scikit-learn (edgeops: tensors, checked on real data)")
+    return out
 
 
 if __name__ == "__main__":

@@ -173,9 +173,13 @@ def tensorflow_models(d: Path) -> list[Sample]:
     out.append(Sample("tf_frozen_graphdef", "graphdef", p))
 
     # a TFLite flatbuffer written by TensorFlow's own converter
+    import contextlib
+    import io
+
     conv = tf.lite.TFLiteConverter.from_keras_model(mlp)
     p = d / "tf_mlp.tflite"
-    p.write_bytes(conv.convert())
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the exported signature
+        p.write_bytes(conv.convert())
     out.append(Sample("tflite_mlp", "tflite", p))
     return out
 
