@@ -30,7 +30,6 @@ DEFAULT_BATCH = 2      # dynamic first dimension
 DEFAULT_DYNAMIC = 16   # any other dynamic dimension
 TIE_GAP = 1e-4         # a label flip is a tie when the top-2 probabilities are this close
 
-_ID_HINTS = ("ids", "token", "index", "indices", "position")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -73,8 +72,9 @@ def make_inputs(signature: Signature, shapes: dict[str, tuple[int, ...]] | None 
                 dynamic: int = DEFAULT_DYNAMIC) -> dict[str, np.ndarray]:
     """Inputs generated from a signature: dtype- and range-aware, deterministic.
 
-    Floats are standard normal; integer inputs that look like token ids get a small
-    vocabulary range, masks get ones, other integers 0..9; bools are random.
+    Floats are standard normal; integer inputs named like masks get ones, other integers
+    0..9 (small enough to be valid ids for any embedding table of 10+ rows, and any
+    class/position index); bools are random.
     """
     shapes = shapes or {}
     rng = np.random.default_rng(seed)
@@ -88,8 +88,6 @@ def make_inputs(signature: Signature, shapes: dict[str, tuple[int, ...]] | None 
         elif dt.startswith(("int", "uint")):
             if "mask" in lname:
                 arr = np.ones(shape, dtype=dt)
-            elif any(h in lname for h in _ID_HINTS):
-                arr = rng.integers(0, 100, size=shape).astype(dt)
             else:
                 arr = rng.integers(0, 10, size=shape).astype(dt)
         elif dt == "bool":
