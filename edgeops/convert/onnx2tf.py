@@ -40,24 +40,13 @@ import numpy as np
 
 from .. import extras
 from ..errors import ConversionError
+from ..formats.onnx import walk_nodes as _walk_nodes
 from .context import ConvertContext
 
 TOOL = "onnx2tf"
 
 
 # ----------------------------------------------------------------------------- preflight
-
-def _walk_nodes(graph):
-    from onnx import AttributeProto
-
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                yield from _walk_nodes(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _walk_nodes(g)
 
 
 def unsupported_ops(model) -> list[str]:

@@ -28,6 +28,7 @@ from .. import extras
 from ..errors import ConversionError
 from ..formats import keras as keras_fmt
 from ..formats import tensorflow as tf_fmt
+from ..formats.onnx import walk_nodes as _walk_nodes
 from .context import ConvertContext
 
 DEFAULT_OPSET = 17  # onnx2torch (the ONNX -> TorchScript hop) covers opset <= 17
@@ -65,19 +66,6 @@ def _tf2onnx_log():
     finally:
         logger.removeHandler(cap)
         logger.propagate, logger.level, tf_logger.level = saved
-
-
-def _walk_nodes(graph):
-    from onnx import AttributeProto
-
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                yield from _walk_nodes(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _walk_nodes(g)
 
 
 def unconverted_ops(model, records: list[logging.LogRecord] = ()) -> list[str]:

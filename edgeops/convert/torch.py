@@ -37,6 +37,7 @@ from ..errors import ConversionError, EdgeopsError
 from ..extras import require
 from ..formats import torch as torch_fmt
 from ..formats.base import Signature, TensorSpec
+from ..formats.onnx import walk_nodes as _walk_nodes
 from .context import ConvertContext
 
 DEFAULT_OPSET = 17
@@ -441,19 +442,6 @@ def _import_onnx2torch():
 def _torchvision_works() -> bool:
     mod = sys.modules.get("torchvision")
     return mod is not None and getattr(mod, "__file__", None) is not None
-
-
-def _walk_nodes(graph):
-    from onnx import AttributeProto
-
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                yield from _walk_nodes(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from _walk_nodes(sg)
 
 
 def _precheck(model, onnx2torch) -> None:

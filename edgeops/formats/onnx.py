@@ -168,6 +168,20 @@ def count_params(graph) -> dict[str, int]:
     return counts
 
 
+def walk_nodes(graph):
+    """Every node of a graph, including those inside If/Loop/Scan subgraphs."""
+    from onnx import AttributeProto
+
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield from walk_nodes(a.g)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from walk_nodes(g)
+
+
 def metadata(model) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
@@ -176,21 +190,9 @@ def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> d
     model = load(path)
     counts = count_params(model.graph)
     ops: dict[str, int] = {}
-
-    def walk(g) -> None:
-        from onnx import AttributeProto
-
-        for n in g.node:
-            key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-            ops[key] = ops.get(key, 0) + 1
-            for a in n.attribute:
-                if a.type == AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-
-    walk(model.graph)
+    for n in walk_nodes(model.graph):
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        ops[key] = ops.get(key, 0) + 1
     meta = metadata(model)
     lineage = None
     if "edgeops.lineage" in meta:
