@@ -180,6 +180,17 @@ def tf_flatten(x) -> list:
     return list(_tf().nest.flatten(x))
 
 
+def _tensors(feeds: dict[str, np.ndarray], signature: Signature) -> list:
+    """Feeds as TF tensors in signature order; a missing input is a clear error."""
+    tf = _tf()
+    missing = [s.name for s in signature.inputs if s.name not in feeds]
+    if missing:
+        raise FormatError(f"missing input(s) {missing}; the model takes "
+                          f"{[s.name for s in signature.inputs]}")
+    return [tf.constant(feeds[s.name], dtype=s.dtype if s.dtype != "str" else tf.string)
+            for s in signature.inputs]
+
+
 class SavedModelRunner:
     """Calls the serving_default signature eagerly; outputs keyed by signature output key."""
 
@@ -189,14 +200,8 @@ class SavedModelRunner:
         self.signature = savedmodel_signature_of(self.fn)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tf = _tf()
-        missing = [s.name for s in self.signature.inputs if s.name not in feeds]
-        if missing:
-            raise FormatError(f"missing input(s) {missing}; the model takes "
-                              f"{[s.name for s in self.signature.inputs]}")
-        kwargs = {s.name: tf.constant(feeds[s.name], dtype=s.dtype if s.dtype != "str" else tf.string)
-                  for s in self.signature.inputs}
-        out = self.fn(**kwargs)
+        names = [s.name for s in self.signature.inputs]
+        out = self.fn(**dict(zip(names, _tensors(feeds, self.signature))))
         if not isinstance(out, dict):
             out = {f"output_{i}": t for i, t in enumerate(tf_flatten(out))}
         return {s.name: np.asarray(out[s.name].numpy()) for s in self.signature.outputs}
@@ -291,13 +296,7 @@ class GraphDefRunner:
                               f"{[s.name for s in self.signature.inputs]}: {_first_line(exc)}") from exc
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tf = _tf()
-        missing = [s.name for s in self.signature.inputs if s.name not in feeds]
-        if missing:
-            raise FormatError(f"missing input(s) {missing}; the model takes "
-                              f"{[s.name for s in self.signature.inputs]}")
-        args = [tf.constant(feeds[s.name], dtype=s.dtype if s.dtype != "str" else tf.string)
-                for s in self.signature.inputs]
+        args = _tensors(feeds, self.signature)
         outs = self.fn(*args)
         return {s.name: np.asarray(o.numpy()) for s, o in zip(self.signature.outputs, outs)}
 
