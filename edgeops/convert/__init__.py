@@ -249,7 +249,9 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
             last = i == len(route) - 1
             out_path = dst if last else workdir / f"hop{i + 1}-{edge.target}{suffix_for(edge.target)}"
             _remove(out_path)
-            ctx = ConvertContext(edge.source, edge.target, hop_sig, feeds, workdir, opset,
+            # keyed by this hop's input names (a previous hop may have renamed them)
+            hop_feeds = V.adapt_feeds(feeds, hop_sig)
+            ctx = ConvertContext(edge.source, edge.target, hop_sig, hop_feeds, workdir, opset,
                                  precision, opts, dict(options or {}))
             say(f"[{i + 1}/{len(route)}] {edge.source} -> {edge.target} ({edge.tool})")
             t0 = time.perf_counter()
