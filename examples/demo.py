@@ -77,7 +77,8 @@ def make_torch(Xtr, ytr) -> None:
         loss.backward()
         opt.step()
     net.eval()
-    torch.jit.trace(net, x[:2]).save(str(OUT / "digits_cnn.pt"))
+    # traced with one image: the batch of 1 an edge device runs (the trace fixes it)
+    torch.jit.trace(net, x[:1]).save(str(OUT / "digits_cnn.pt"))
     torch.save(net.state_dict(), OUT / "digits_cnn_state_dict.pt")
     print(f"torch CNN trained, final loss {loss.item():.3f}")
 

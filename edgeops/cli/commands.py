@@ -124,7 +124,7 @@ def _render_convert(report) -> None:
     from rich.table import Table
 
     out = _out()
-    t = Table(title=f"{report.source_format} -> {report.target_format}: " + " -> ".join(report.route))
+    t = Table(title="route: " + " -> ".join(report.route))
     for col in ("hop", "tool", "seconds", "parity", "max abs", "cosine", "agreement"):
         t.add_column(col)
     for h in report.hops:
@@ -235,7 +235,7 @@ def formats(as_json):
     t.add_column("installed")
     t.add_column("install")
     for name, ok in m["extras"].items():
-        t.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", f"pip install 'edgeops[{name}]'")
+        t.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", _esc(f"pip install 'edgeops[{name}]'"))
     out.print(t)
     t = Table(title="conversions (cell: hops on the shortest route; * = needs a missing extra)")
     t.add_column("from \\ to")
