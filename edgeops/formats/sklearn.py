@@ -5,9 +5,11 @@ scikit-learn -- or that reference globals off the allow-list, so that loading th
 gives the unsafe-pickle refusal rather than "unknown format". Every load goes through
 edgeops.safety, the single pickle gate.
 
-The runner and signature name outputs as skl2onnx does (classifiers with zipmap off: label and
-probabilities; regressors and transformers: variable), so verification matches
-an estimator with its ONNX export by name. Not covered: estimators without
+The runner and signature name outputs exactly as skl2onnx does, so verification matches an
+estimator with its ONNX export by name: classifiers "label" (int64, or str for string
+classes) and "probabilities" (float32) -- skl2onnx's names with ZipMap off, which edgeops
+always asks for ("output_label"/"output_probability" are its names with ZipMap on);
+regressors and transformers "variable" (float32, [N, n_out]). Not covered: estimators without
 n_features_in_ (fitted before scikit-learn 1.0), sparse inputs, string features.
 """
 
@@ -29,19 +31,28 @@ FORMATS = (
 
 
 def detect(probe: Probe) -> str | None:
-    if probe.is_dir or probe.is_zip or probe.is_hdf5:
+    if probe.is_dir or probe.is_zip or probe.is_hdf5 or not probe.head:
         return None
+    kind = safety.compression_of(probe.head[:8])
+    if kind == "lz4":
+        return "sklearn"   # joblib's lz4 files; loading says so if lz4 is not installed
     head = safety.head_decompressed(probe.head)
     if not head or not safety.looks_like_pickle(head):
         return None
-    scan = safety.scan_pickle(probe.path)
+    # bounded: the classes come first in a pickle, the bulk of the bytes are arrays
+    scan = safety.scan_pickle(probe.path, limit=DETECT_LIMIT)
+    if head[:1] != b"\x80" and scan.pickles == 0:
+        return None   # protocol 0/1 has no magic: only a stream that parses to STOP counts
     if scan.references("torch"):
-        return None  # a torch archive: the torch family (which runs first) owns those
+        return None  # a torch pickle: the torch family (which runs first) owns those
     if scan.references("sklearn"):
         return "sklearn"
     if safety.unsafe_globals(scan):
         return "sklearn"  # loading it gives the unsafe-pickle refusal, never a load
     return None
+
+
+DETECT_LIMIT = 64 << 20
 
 
 def load(path: Path, fmt: str = "sklearn", opts: LoadOptions | None = None):
@@ -83,8 +94,21 @@ def signature_of(model) -> Signature:
             outs.append(TensorSpec("probabilities", "float32", (None, len(classes))))
         return Signature(ins, tuple(outs))
     if kind == "regressor":
-        return Signature(ins, (TensorSpec("variable", "float32", (None, 1)),))
-    return Signature(ins, (TensorSpec("variable", "float32", (None, None)),))
+        return Signature(ins, (TensorSpec("variable", "float32", (None, _n_targets(model))),))
+    return Signature(ins, (TensorSpec("variable", "float32", (None, _n_out(model))),))
+
+
+def _n_targets(model) -> int:
+    final = model.steps[-1][1] if hasattr(model, "steps") else model
+    return int(getattr(final, "n_outputs_", 1) or 1)
+
+
+def _n_out(model) -> int | None:
+    """Width of transform()'s output, from scikit-learn's feature names (None if unknown)."""
+    try:
+        return len(model.get_feature_names_out())
+    except Exception:  # not every transformer implements it (or it needs input names)
+        return None
 
 
 def signature(path: Path, fmt: str = "sklearn", opts: LoadOptions | None = None) -> Signature:
@@ -115,8 +139,16 @@ def runner(path: Path, fmt: str = "sklearn", opts: LoadOptions | None = None) ->
     return SklearnRunner(load(path, fmt, opts))
 
 
+# fitted attributes that describe the fit rather than hold learned values
+_NOT_PARAMS = {"classes_", "n_iter_", "n_features_in_", "feature_names_in_", "n_samples_seen_",
+               "n_outputs_", "n_classes_", "train_score_", "oob_improvement_", "oob_scores_",
+               "oob_score_", "loss_curve_", "validation_scores_", "validation_score_",
+               "estimators_samples_", "n_estimators_", "n_trees_per_iteration_"}
+
+
 def _learned_values(obj, seen: set[int]) -> int:
-    """Numbers learned by fit: ndarray attributes ending in '_', trees, sub-estimators."""
+    """Numbers learned by fit: numeric array attributes ending in '_' (coef_, intercept_,
+    mean_ ...), tree nodes, and the same inside sub-estimators and pipeline steps."""
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
@@ -126,20 +158,25 @@ def _learned_values(obj, seen: set[int]) -> int:
         # per node: feature, threshold, two children, and the value vector
         total += int(tree.node_count) * (4 + int(np.prod(tree.value.shape[1:])))
     for key, val in vars(obj).items():
-        if key == "tree_" or not key.endswith("_") or key.startswith("_"):
+        if key == "tree_" or not key.endswith("_") or key.startswith("_") or key in _NOT_PARAMS:
             continue
-        if isinstance(val, np.ndarray) and val.dtype.kind in "fiu":
-            total += val.size
-        elif isinstance(val, (list, tuple, np.ndarray)):
-            for item in np.ravel(np.asarray(val, dtype=object)):
-                if hasattr(item, "get_params"):
-                    total += _learned_values(item, seen)
-        elif hasattr(val, "get_params"):
-            total += _learned_values(val, seen)
+        total += _values_in(val, seen)
     for _, step in getattr(obj, "steps", []):
         if hasattr(step, "get_params"):
             total += _learned_values(step, seen)
     return total
+
+
+def _values_in(val, seen: set[int]) -> int:
+    if isinstance(val, np.ndarray) and val.dtype.kind in "fiu":
+        return int(val.size)
+    if hasattr(val, "get_params"):
+        return _learned_values(val, seen)
+    if isinstance(val, (list, tuple)):
+        return sum(_values_in(item, seen) for item in val)
+    if isinstance(val, np.ndarray) and val.dtype.kind == "O":
+        return sum(_values_in(item, seen) for item in val.ravel())
+    return 0
 
 
 def inspect(path: Path, fmt: str = "sklearn", opts: LoadOptions | None = None) -> dict:
