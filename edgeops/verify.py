@@ -225,7 +225,8 @@ class ParityReport:
 
 def not_executed(reason: str) -> ParityReport:
     """A report for a model that could not be run here (e.g. Core ML on Linux)."""
-    return ParityReport(status="not-executed", reason=reason)
+    # the summary says "not executed: <reason>"; a reason already saying so would repeat it
+    return ParityReport(status="not-executed", reason=reason.removeprefix("not executed: "))
 
 
 # ----------------------------------------------------------------------------- compare

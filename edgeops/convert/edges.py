@@ -75,6 +75,7 @@ EDGES: tuple[Edge, ...] = (
     Edge("torchscript", "mlpackage", _C + "coreml:torch_to_coreml", ("torch", "coreml"), "coremltools"),
     Edge("torchscript", "mlmodel", _C + "coreml:torch_to_coreml", ("torch", "coreml"), "coremltools"),
     Edge("torch-export", "mlpackage", _C + "coreml:torch_to_coreml", ("torch", "coreml"), "coremltools"),
+    Edge("torch-export", "mlmodel", _C + "coreml:torch_to_coreml", ("torch", "coreml"), "coremltools"),
     Edge("keras-h5", "mlpackage", _C + "coreml:keras_to_coreml", ("tensorflow", "coreml"), "coremltools"),
     Edge("keras-h5", "mlmodel", _C + "coreml:keras_to_coreml", ("tensorflow", "coreml"), "coremltools"),
     Edge("keras-v3", "mlpackage", _C + "coreml:keras_to_coreml", ("tensorflow", "coreml"), "coremltools"),
