@@ -109,9 +109,13 @@ def load_inputs(path: str | Path, signature: Signature | None = None) -> dict[st
         data = {f.stem: np.load(f, allow_pickle=False) for f in files}
     elif p.is_file():
         try:
-            with np.load(p, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files} if hasattr(z, "files") else {"*": z}
-        except (ValueError, OSError) as exc:
+            loaded = np.load(p, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):   # a single .npy: the model's only input
+                data = {p.stem: loaded}
+            else:
+                with loaded:  # members load lazily: object arrays fail here
+                    data = {k: loaded[k] for k in loaded.files}
+        except (ValueError, OSError, EOFError) as exc:
             raise UsageError(f"{p}: not a readable .npz/.npy file ({exc})") from None
     else:
         raise UsageError(f"{p}: no such inputs file or folder")

@@ -215,6 +215,11 @@ def test_load_inputs_npz_and_folder(tmp_path):
     (tmp_path / "dir").mkdir()
     np.save(tmp_path / "dir" / "whatever.npy", np.zeros((2, 4), np.float32))
     assert V.load_inputs(tmp_path / "dir", sig)["x"].shape == (2, 4)  # by position
+    np.save(tmp_path / "single.npy", np.zeros((5, 4), np.float32))
+    assert V.load_inputs(tmp_path / "single.npy", sig)["x"].shape == (5, 4)
+    (tmp_path / "junk.npz").write_bytes(b"not numpy")
+    with pytest.raises(UsageError, match="not a readable"):
+        V.load_inputs(tmp_path / "junk.npz", sig)
     np.savez(tmp_path / "bad.npz", a=np.ones(1), b=np.ones(1))
     with pytest.raises(UsageError, match="do not match"):
         V.load_inputs(tmp_path / "bad.npz", sig)
