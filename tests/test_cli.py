@@ -124,3 +124,13 @@ def test_missing_sklearn_extra_exit_3(tmp_path):
     r = edgeops("inspect", p, env=_shadow(tmp_path, "sklearn"))
     assert r.returncode == 3, r.stderr
     assert "pip install 'edgeops[sklearn]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inputs_that_do_not_fit_exit_2(tmp_path):
+    import numpy as np
+
+    p = _linear_onnx(tmp_path / "m.onnx")
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((3, 5), np.float32))   # the model takes [N, 4]
+    r = edgeops("convert", p, "-o", tmp_path / "m.pt", "--inputs", tmp_path / "wrong.npz")
+    assert r.returncode == 2, r.stderr
+    assert "the source model fails on the given inputs" in r.stderr and "Traceback" not in r.stderr

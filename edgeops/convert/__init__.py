@@ -236,7 +236,15 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
     else:
         feeds = V.make_inputs(ref.signature, opts.shapes)
         input_source = "generated (seed 0)"
-    ref_out = ref.run(V.adapt_feeds(feeds, ref.signature))
+    try:
+        ref_out = ref.run(V.adapt_feeds(feeds, ref.signature))
+    except EdgeopsError:
+        raise
+    except Exception as exc:
+        raise UsageError(
+            f"the source model fails on the {'given' if inputs is not None else 'generated'} "
+            f"inputs: {_first_line(exc)}",
+            hint="check --inputs, or give concrete shapes with --shape NAME=D1,D2,...") from exc
     first_out = ref_out
 
     report = ConvertReport(str(src), src_info.id, src_sha, str(dst), dst_info.id,
