@@ -303,11 +303,12 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
                     h.path = str(kept)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    if dst.exists():
-        report.output_sha256 = sha256_path(dst)
-        report.output_size = path_size(dst)
+    # only an output this run wrote gets lineage (a stale file from an earlier run at the
+    # same path, left because an earlier hop failed, is not touched)
+    if len(report.hops) == len(route) and dst.exists():
         _write_lineage(report, src, src_info.id)
         report.output_sha256 = sha256_path(dst)
+        report.output_size = path_size(dst)
     report_path = dst.with_name(dst.name + REPORT_SUFFIX)
     report.report_path = str(report_path)
     report_path.write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
