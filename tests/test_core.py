@@ -253,3 +253,18 @@ def test_plan_refusals():
         C.plan("onnx", "onnx")
     with pytest.raises(FormatError, match="unknown format"):
         C.plan("onnx", "tensorrt")
+
+
+def test_onnx_with_external_data(tmp_path):
+    """Large exports keep weights in a side file; size and params must count them."""
+    from edgeops.inspect import inspect_model
+
+    m = onnx.load(str(_linear_onnx(tmp_path / "a.onnx")))
+    onnx.save(m, str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    info = inspect_model(tmp_path / "ext.onnx")
+    assert info["external_data"]["files"] == ["ext.data"]
+    assert info["size"] > (tmp_path / "ext.onnx").stat().st_size
+    assert info["params"] == 15
+    out = F.runner(tmp_path / "ext.onnx").run({"x": np.ones((2, 4), np.float32)})
+    assert out["y"].shape == (2, 3)

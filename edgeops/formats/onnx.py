@@ -194,6 +194,7 @@ def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> d
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
         ops[key] = ops.get(key, 0) + 1
     meta = metadata(model)
+    ext = _external_files(Path(path))
     lineage = None
     if "edgeops.lineage" in meta:
         try:
@@ -210,7 +211,25 @@ def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> d
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         "metadata": {k: v for k, v in meta.items() if k != "edgeops.lineage"},
         "lineage": lineage,
+        **({"external_data": {"files": sorted(ext), "bytes": sum(ext.values())},
+            "size": Path(path).stat().st_size + sum(ext.values())} if ext else {}),
     }
+
+
+def _external_files(path: Path) -> dict[str, int]:
+    """External-data files the model references (weights stored beside the .onnx)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(path), load_external_data=False)
+    out: dict[str, int] = {}
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            f = path.parent / loc if loc else None
+            if f is not None and f.is_file():
+                out[loc] = f.stat().st_size
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
