@@ -17,6 +17,13 @@ EXIT_INPUT = 2
 EXIT_ENV = 3
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (or its type name), for one-line errors that
+    wrap a framework's multi-page message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]
+
+
 class EdgeopsError(Exception):
     """Base error: a one-line message for people, an optional hint, an exit code."""
 

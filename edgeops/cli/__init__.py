@@ -15,7 +15,7 @@ import sys
 import click
 
 from .. import __version__
-from ..errors import EdgeopsError
+from ..errors import EdgeopsError, first_line
 
 EXIT_INTERNAL = 70
 
@@ -38,8 +38,7 @@ class EdgeopsGroup(click.Group):
         except Exception as exc:  # a bug in edgeops or an unexpected framework failure
             if debug:
                 raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            _fail(f"internal error: {type(exc).__name__}: {first}",
+            _fail(f"internal error: {type(exc).__name__}: {first_line(exc)}",
                   "run again with --debug for the traceback, and please report it",
                   EXIT_INTERNAL)
 

@@ -25,7 +25,8 @@ import numpy as np
 from .. import extras
 from .. import formats as fmts
 from .. import verify as V
-from ..errors import ConversionError, EdgeopsError, MissingExtraError, NotExecutableError, UsageError
+from ..errors import (ConversionError, EdgeopsError, MissingExtraError, NotExecutableError,
+                      UsageError, first_line)
 from ..formats.base import LoadOptions, path_size, sha256_path
 from .context import ConvertContext
 from .edges import EDGES, Edge
@@ -243,7 +244,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
     except Exception as exc:
         raise UsageError(
             f"the source model fails on the {'given' if inputs is not None else 'generated'} "
-            f"inputs: {_first_line(exc)}",
+            f"inputs: {first_line(exc)}",
             hint="check --inputs, or give concrete shapes with --shape NAME=D1,D2,...") from exc
     first_out = ref_out
 
@@ -270,7 +271,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
             except Exception as exc:
                 raise ConversionError(
                     f"{edge.tool} failed converting {edge.source} -> {edge.target}: "
-                    f"{_first_line(exc)}",
+                    f"{first_line(exc)}",
                     hint="run with --debug for the converter's traceback") from exc
             seconds = time.perf_counter() - t0
             h_atol = atol if atol is not None else edge.atol
@@ -377,10 +378,6 @@ def _remove(p: Path) -> None:
     elif p.exists() or p.is_symlink():
         p.unlink()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def _json_default(o):

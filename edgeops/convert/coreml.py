@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConversionError, UsageError
+from ..errors import ConversionError, UsageError, first_line
 from ..extras import require
 from ..formats import coreml as coreml_fmt
 from ..formats.base import sha256_path
@@ -121,11 +121,11 @@ def _run_convert(ct, model, ctx: ConvertContext, **kw):
         if seen:
             raise ConversionError(
                 f"coremltools {ct.__version__} failed on op '{seen[-1]}' "
-                f"({ctx.source_format} -> {ctx.target_format}): {_first_line(exc)}",
+                f"({ctx.source_format} -> {ctx.target_format}): {first_line(exc)}",
                 hint="rewrite that op (e.g. give pooling an explicit stride), or keep this "
                      "model in ONNX") from exc
         raise ConversionError(f"coremltools {ct.__version__} failed converting "
-                              f"{ctx.source_format} -> {ctx.target_format}: {_first_line(exc)}") from exc
+                              f"{ctx.source_format} -> {ctx.target_format}: {first_line(exc)}") from exc
 
 
 def _finish(ct, mlmodel, src: Path, dst: Path, ctx: ConvertContext) -> dict:
@@ -198,7 +198,7 @@ def torch_to_coreml(src: Path, dst: Path, ctx: ConvertContext) -> dict:
                 model = obj.run_decompositions({})   # coremltools refuses the TRAINING dialect
         except Exception as exc:
             raise ConversionError(f"torch.export program cannot be lowered to ATen ops for "
-                                  f"coremltools: {_first_line(exc)}") from exc
+                                  f"coremltools: {first_line(exc)}") from exc
     else:
         model = obj.eval()
         kw["inputs"] = [ct.TensorType(name=s.name, shape=_sample(ctx, s.name).shape,
@@ -229,7 +229,7 @@ def _tf_to_coreml(call, src: Path, dst: Path, ctx: ConvertContext) -> dict:
         concrete = fn.get_concrete_function()
     except Exception as exc:
         raise ConversionError(f"cannot trace the {ctx.source_format} model at shapes "
-                              f"{[list(a.shape) for a in samples]}: {_first_line(exc)}") from exc
+                              f"{[list(a.shape) for a in samples]}: {first_line(exc)}") from exc
     inputs = [ct.TensorType(name=f"in_{i}", shape=a.shape, dtype=_core_dtype(a.dtype))
               for i, a in enumerate(samples)]
     mlmodel = _run_convert(ct, [concrete], ctx, source="tensorflow", inputs=inputs)
@@ -295,10 +295,5 @@ def graphdef_to_coreml(src: Path, dst: Path, ctx: ConvertContext) -> dict:
                                [g.as_graph_element(_tensor_name(n)) for n in outs])
     except Exception as exc:
         raise ConversionError(f"{src}: cannot cut the GraphDef at inputs {ins} / outputs {outs}: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
     return _tf_to_coreml(lambda args: list(pruned(*args)), src, dst, ctx)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import extras
-from ..errors import ConversionError
+from ..errors import ConversionError, first_line
 from ..formats import keras as keras_fmt
 from ..formats import tensorflow as tf_fmt
 from ..formats.onnx import walk_nodes as _walk_nodes
@@ -165,7 +165,7 @@ def _function_to_onnx(call, sig, dst: Path, ctx: ConvertContext, tool: str, extr
         try:
             model, _ = tf2onnx.convert.from_function(fn, input_signature=specs, opset=opset)
         except Exception as exc:
-            raise ConversionError(f"{tool} failed: {_first_line(exc)}") from exc
+            raise ConversionError(f"{tool} failed: {first_line(exc)}") from exc
     _check(model, records, tool)
     if len(model.graph.input) != len(sig.inputs):
         # Tensors the function captures (constants baked into a SavedModel, as onnx2tf
@@ -203,7 +203,7 @@ def _frozen_to_onnx(fn, tf, tf2onnx, opset: int, tool: str):
             model, _ = tf2onnx.convert.from_graph_def(
                 frozen.graph.as_graph_def(), input_names=ins, output_names=outs, opset=opset)
         except Exception as exc:
-            raise ConversionError(f"{tool} failed: {_first_line(exc)}") from exc
+            raise ConversionError(f"{tool} failed: {first_line(exc)}") from exc
     _check(model, records, tool)
     return model
 
@@ -260,7 +260,7 @@ def graphdef_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
                 gd, name=Path(src).stem, input_names=ins, output_names=outs, opset=opset,
                 tensors_to_rename=dict(rename))
         except Exception as exc:
-            raise ConversionError(f"{tool} failed: {_first_line(exc)}") from exc
+            raise ConversionError(f"{tool} failed: {first_line(exc)}") from exc
     _check(model, records, tool)
     # tensors_to_rename normally did this already; make sure (idempotent)
     _rename(model, rename)
@@ -274,10 +274,6 @@ def graphdef_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
     return {"tool": tool, "opset": opset, "inputs": want_in, "outputs": want_out,
             "tensorflow": tf.__version__}
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def tflite_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
@@ -296,7 +292,7 @@ def tflite_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
         try:
             model, _ = tf2onnx.convert.from_tflite(str(src), opset=opset)
         except Exception as exc:
-            raise ConversionError(f"{tool} failed on the TFLite model: {_first_line(exc)}") from exc
+            raise ConversionError(f"{tool} failed on the TFLite model: {first_line(exc)}") from exc
     _check(model, records, tool)
     g = model.graph
     if len(g.input) != len(sig.inputs) or len(g.output) != len(sig.outputs):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConversionError, EdgeopsError
+from ..errors import ConversionError, EdgeopsError, first_line
 from ..extras import require
 from ..formats import torch as torch_fmt
 from ..formats.base import Signature, TensorSpec
@@ -44,10 +44,6 @@ DEFAULT_OPSET = 17
 _TORCHVISION_OPS = {"NonMaxSuppression", "RoiAlign"}
 _OPSET_HINT = "export the ONNX at opset 17 (--opset 17), which onnx2torch covers"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def _version(dist: str) -> str:
@@ -148,7 +144,7 @@ def torchscript_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
                     f"torch.onnx cannot export operator {m.group(1)} at opset {m.group(2)}",
                     hint="try a newer --opset, or replace that op in the model") from exc
             raise ConversionError(f"torch.onnx (TorchScript exporter) failed: "
-                                  f"{_first_line(exc)}") from exc
+                                  f"{first_line(exc)}") from exc
         return axes
 
     axes = export(guess_batch)
@@ -190,20 +186,24 @@ def _tuple_outputs(module, args: tuple, torch):
             return torch.jit.trace(_Flat(module), args, strict=False, check_trace=False)
     except Exception as exc:
         raise ConversionError(f"cannot flatten the module's {ret} output for export: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
 
 
-def _batch_generalises(module, onnx_path: Path, args: tuple, torch) -> bool:
+def _batch_generalises(module, onnx_path: Path, args: tuple, torch,
+                       onnx_is_reference: bool = False) -> bool:
+    """Do `module` and the exported ONNX still agree at another batch size?"""
     other = _other_batch(args, torch)
     if other is None:
         return False
     try:
         with torch.no_grad(), torch_fmt.quiet():
-            ref = [t.numpy() for _, t in torch_fmt.flatten_outputs(module(*other))]
-            got = _ort_outputs(onnx_path, {str(i): a.numpy() for i, a in enumerate(other)})
+            mine = [t.numpy() for _, t in torch_fmt.flatten_outputs(module(*other))]
+            theirs = _ort_outputs(onnx_path, {str(i): a.numpy() for i, a in enumerate(other)})
     except Exception:
         return False
-    return len(ref) == len(got) and all(_close(r, g) for r, g in zip(ref, got))
+    # _close measures against its second argument
+    pairs = zip(theirs, mine) if onnx_is_reference else zip(mine, theirs)
+    return len(mine) == len(theirs) and all(_close(a, b) for a, b in pairs)
 
 
 # ----------------------------------------------------------------------------- .pt2 -> ONNX
@@ -231,7 +231,7 @@ def exported_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
             raise ConversionError(f"torch.onnx (dynamo exporter) has no ONNX function for "
                                   f"operator {m.group(1)}",
                                   hint="replace that op in the model") from exc
-        raise ConversionError(f"torch.onnx (dynamo exporter) failed: {_first_line(exc)}") from exc
+        raise ConversionError(f"torch.onnx (dynamo exporter) failed: {first_line(exc)}") from exc
     model = prog.model_proto
     got = _default_opset(model)
     note = ""
@@ -351,7 +351,7 @@ def _downgrade(model, target: int, feeds: dict[str, np.ndarray]):
             m = onnx.version_converter.convert_version(m, target)
         onnx.checker.check_model(m, full_check=True)
     except Exception as exc:
-        return None, f"the converted model is invalid ({_first_line(exc)})"
+        return None, f"the converted model is invalid ({first_line(exc)})"
     # same outputs as the exporter's own model, or it is not used
     import tempfile
 
@@ -362,7 +362,7 @@ def _downgrade(model, target: int, feeds: dict[str, np.ndarray]):
         try:
             ra, rb = _ort_outputs(a, feeds), _ort_outputs(b, feeds)
         except Exception as exc:
-            return None, f"onnxruntime rejects the converted model ({_first_line(exc)})"
+            return None, f"onnxruntime rejects the converted model ({first_line(exc)})"
     if len(ra) != len(rb) or not all(_close(x, y) for x, y in zip(ra, rb)):
         return None, "the converted model computes different outputs"
     return m, None
@@ -492,12 +492,12 @@ def onnx_to_torchscript(src: Path, dst: Path, ctx: ConvertContext) -> dict:
             net = onnx2torch.convert(model, save_input_names=keep_names).eval()
     except NotImplementedError as exc:
         m = re.search(r"operation_type='([^']+)', version=(\d+)", str(exc))
-        what = f"{m.group(1)} (opset {m.group(2)})" if m else _first_line(exc)
+        what = f"{m.group(1)} (opset {m.group(2)})" if m else first_line(exc)
         raise ConversionError(f"onnx2torch cannot convert {what}", hint=_OPSET_HINT) from exc
     except EdgeopsError:
         raise
     except Exception as exc:
-        raise ConversionError(f"onnx2torch failed: {_first_line(exc)}") from exc
+        raise ConversionError(f"onnx2torch failed: {first_line(exc)}") from exc
     args = _example_args(ctx, ins, torch)
     try:
         with torch.no_grad(), torch_fmt.quiet():
@@ -506,12 +506,12 @@ def onnx_to_torchscript(src: Path, dst: Path, ctx: ConvertContext) -> dict:
         raise
     except Exception as exc:
         raise ConversionError(f"torch.jit.trace of the onnx2torch module failed: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
 
     # The ONNX names and dims travel inside the file; dims stay dynamic only if the traced
     # module really gives the same answers at another batch size.
     dynamic = any(s.shape and not isinstance(s.shape[0], int) for s in onnx_sig.inputs)
-    if dynamic and not _traced_batch_generalises(traced, Path(src), args, torch):
+    if dynamic and not _batch_generalises(traced, Path(src), args, torch, onnx_is_reference=True):
         dynamic = False
     in_specs = tuple(
         TensorSpec(s.name, s.dtype, tuple(
@@ -534,14 +534,3 @@ def onnx_to_torchscript(src: Path, dst: Path, ctx: ConvertContext) -> dict:
     return info
 
 
-def _traced_batch_generalises(traced, onnx_path: Path, args: tuple, torch) -> bool:
-    other = _other_batch(args, torch)
-    if other is None:
-        return False
-    try:
-        with torch.no_grad(), torch_fmt.quiet():
-            got = [t.numpy() for _, t in torch_fmt.flatten_outputs(traced(*other))]
-            ref = _ort_outputs(onnx_path, {str(i): a.numpy() for i, a in enumerate(other)})
-    except Exception:
-        return False
-    return len(ref) == len(got) and all(_close(r, g) for r, g in zip(ref, got))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError, NotExecutableError
+from ..errors import FormatError, NotExecutableError, first_line
 from ..extras import require
 from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec
 
@@ -234,7 +234,7 @@ def load_spec(path: Path, fmt: str):
         raise FormatError(f"{path}: cannot read the Core ML spec: {exc.strerror or exc}") from exc
     except Exception as exc:  # google.protobuf DecodeError
         raise FormatError(f"{path}: Core ML model is truncated or corrupt "
-                          f"({_first_line(exc)})") from exc
+                          f"({first_line(exc)})") from exc
     return spec
 
 
@@ -386,7 +386,7 @@ def validate(path: Path, fmt: str) -> list[str]:
         try:
             ct.models.MLModel(str(path))     # compiles: Core ML's own validation
         except Exception as exc:
-            raise FormatError(f"{path}: Core ML refuses the model: {_first_line(exc)}") from exc
+            raise FormatError(f"{path}: Core ML refuses the model: {first_line(exc)}") from exc
         checks.append("compiled by Core ML")
     return checks
 
@@ -398,7 +398,7 @@ def load(path: Path, fmt: str, opts: LoadOptions | None = None):
     try:
         return ct.models.MLModel(str(path), skip_model_load=not can_execute())
     except Exception as exc:
-        raise FormatError(f"{path}: coremltools cannot load the model: {_first_line(exc)}") from exc
+        raise FormatError(f"{path}: coremltools cannot load the model: {first_line(exc)}") from exc
 
 
 def save(obj, path: Path, fmt: str) -> None:
@@ -718,8 +718,3 @@ def set_metadata(path: Path, fmt: str, items: dict[str, str]) -> None:
     tmp = target.with_name(target.name + ".edgeops-tmp")
     tmp.write_bytes(spec.SerializeToString())
     os.replace(tmp, target)   # never leave a half-written spec behind
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import extras
-from ..errors import FormatError, UnsafePickleError
+from ..errors import FormatError, UnsafePickleError, first_line
 from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec
 
 FORMATS = (
@@ -66,7 +66,7 @@ def _open_h5(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise FormatError(f"{path}: HDF5 file is truncated or corrupt ({_first_line(exc)})") from exc
+        raise FormatError(f"{path}: HDF5 file is truncated or corrupt ({first_line(exc)})") from exc
 
 
 def _detect_h5(probe: Probe) -> str | None:
@@ -76,7 +76,7 @@ def _detect_h5(probe: Probe) -> str | None:
             keys = set(f.keys())
         except (OSError, RuntimeError, KeyError) as exc:
             raise FormatError(f"{probe.path}: HDF5 file is truncated or corrupt "
-                              f"({_first_line(exc)})") from exc
+                              f"({first_line(exc)})") from exc
     if "model_config" in attrs:
         return "keras-h5"
     # Keras 2 `save_weights('w.h5')`: layer names at the root, one group per layer.
@@ -125,7 +125,7 @@ def _read_config(path: Path, fmt: str) -> tuple[dict | None, dict]:
                         facts[k] = _attr_str(f.attrs[k])
             except (OSError, RuntimeError) as exc:
                 raise FormatError(f"{path}: HDF5 file is truncated or corrupt "
-                                  f"({_first_line(exc)})") from exc
+                                  f"({first_line(exc)})") from exc
         text = _attr_str(raw) if raw is not None else None
     else:
         import zipfile
@@ -136,7 +136,7 @@ def _read_config(path: Path, fmt: str) -> tuple[dict | None, dict]:
                 facts.update(json.loads(z.read("metadata.json")))
         except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
             raise FormatError(f"{path}: Keras .keras archive is truncated or corrupt "
-                              f"({_first_line(exc)})") from exc
+                              f"({first_line(exc)})") from exc
     try:
         config = json.loads(text) if text else None
     except ValueError as exc:
@@ -240,8 +240,8 @@ def _load_error(path: Path, exc: BaseException) -> FormatError:
                  "@keras.saving.register_keras_serializable()) before loading, or export the "
                  "model to ONNX/SavedModel where it was built")
     if isinstance(exc, OSError) or "truncated" in text or "unable to" in text.lower():
-        return FormatError(f"{path}: Keras file is truncated or corrupt ({_first_line(exc)})")
-    return FormatError(f"{path}: Keras cannot load the model: {_first_line(exc)}")
+        return FormatError(f"{path}: Keras file is truncated or corrupt ({first_line(exc)})")
+    return FormatError(f"{path}: Keras cannot load the model: {first_line(exc)}")
 
 
 def save(model, path: Path, fmt: str = "keras-v3") -> None:
@@ -408,8 +408,3 @@ def inspect(path: Path, fmt: str = "keras-h5", opts: LoadOptions | None = None) 
         "inputs": [s.to_dict() for s in sig.inputs],
         "outputs": [s.to_dict() for s in sig.outputs],
     }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, first_line
 from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec
 
 FORMATS = (
@@ -46,7 +46,7 @@ def load(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None, externa
     try:
         return onnx.load(str(path), load_external_data=external_data)
     except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError ...
-        raise FormatError(f"{path}: cannot read ONNX model: {_first_line(exc)}") from exc
+        raise FormatError(f"{path}: cannot read ONNX model: {first_line(exc)}") from exc
 
 
 def save(model, path: Path, fmt: str = "onnx") -> None:
@@ -109,7 +109,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise FormatError(f"{path}: onnxruntime cannot load the model: {_first_line(exc)}") from exc
+            raise FormatError(f"{path}: onnxruntime cannot load the model: {first_line(exc)}") from exc
         self.signature = signature(path)
         self._out_names = [o.name for o in self.session.get_outputs()]
 
@@ -230,8 +230,3 @@ def _external_files(path: Path) -> dict[str, int]:
             if f is not None and f.is_file():
                 out[loc] = f.stat().st_size
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

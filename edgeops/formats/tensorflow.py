@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import extras
-from ..errors import FormatError
+from ..errors import FormatError, first_line
 from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec, _varint
 
 FORMATS = (
@@ -148,7 +148,7 @@ def _load_savedmodel(path: Path):
     try:
         return tf.saved_model.load(str(d))
     except Exception as exc:  # OSError, NotFoundError, ValueError, parse errors ...
-        raise FormatError(f"{d}: TensorFlow cannot load the SavedModel: {_first_line(exc)}") from exc
+        raise FormatError(f"{d}: TensorFlow cannot load the SavedModel: {first_line(exc)}") from exc
 
 
 def serving_function(loaded, path: Path):
@@ -216,7 +216,7 @@ def read_graphdef(path: Path):
         gd.ParseFromString(Path(path).read_bytes())
     except Exception as exc:  # google.protobuf DecodeError
         raise FormatError(f"{path}: TensorFlow GraphDef is truncated or corrupt "
-                          f"({_first_line(exc)})") from exc
+                          f"({first_line(exc)})") from exc
     return gd
 
 
@@ -227,7 +227,7 @@ def _import(gd, path: Path):
         with graph.as_default():
             tf.compat.v1.import_graph_def(gd, name="")
     except Exception as exc:  # unknown op (custom kernel), malformed graph ...
-        raise FormatError(f"{path}: TensorFlow cannot import the GraphDef: {_first_line(exc)}") from exc
+        raise FormatError(f"{path}: TensorFlow cannot import the GraphDef: {first_line(exc)}") from exc
     return graph
 
 
@@ -293,7 +293,7 @@ class GraphDefRunner:
                 [g.as_graph_element(tensor_name(s.name)) for s in self.signature.outputs])
         except Exception as exc:
             raise FormatError(f"{path}: cannot cut the GraphDef at inputs "
-                              f"{[s.name for s in self.signature.inputs]}: {_first_line(exc)}") from exc
+                              f"{[s.name for s in self.signature.inputs]}: {first_line(exc)}") from exc
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = _tensors(feeds, self.signature)
@@ -365,7 +365,7 @@ def _read_savedmodel_proto(d: Path):
         else:
             text_format.Parse((d / "saved_model.pbtxt").read_text(), sm)
     except Exception as exc:
-        raise FormatError(f"{d}: saved_model.pb is truncated or corrupt ({_first_line(exc)})") from exc
+        raise FormatError(f"{d}: saved_model.pb is truncated or corrupt ({first_line(exc)})") from exc
     return sm
 
 
@@ -378,7 +378,7 @@ def _variable_params(d: Path) -> tuple[int, int]:
     try:
         reader = tf.train.load_checkpoint(str(prefix))
     except Exception as exc:
-        raise FormatError(f"{d}: the SavedModel's variables are unreadable ({_first_line(exc)})") from exc
+        raise FormatError(f"{d}: the SavedModel's variables are unreadable ({first_line(exc)})") from exc
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
     total = count = 0
@@ -438,8 +438,3 @@ def inspect(path: Path, fmt: str = "savedmodel", opts: LoadOptions | None = None
         "inputs": [s.to_dict() for s in sig.inputs],
         "outputs": [s.to_dict() for s in sig.outputs],
     }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import extras
-from ..errors import FormatError, MissingExtraError
+from ..errors import FormatError, MissingExtraError, first_line
 from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec
 
 FORMATS = (
@@ -68,7 +68,7 @@ def load(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None, threa
             warnings.simplefilter("ignore")
             return cls(model_path=str(path), **kwargs)
     except Exception as exc:  # ValueError for a corrupt flatbuffer, RuntimeError ...
-        raise FormatError(f"{path}: the TFLite interpreter cannot load the model: {_first_line(exc)}") from exc
+        raise FormatError(f"{path}: the TFLite interpreter cannot load the model: {first_line(exc)}") from exc
 
 
 def save(obj, path: Path, fmt: str = "tflite") -> None:
@@ -144,7 +144,7 @@ class TFLiteRunner:
                 return {s.name: np.asarray(out[s.name]) for s in self.signature.outputs}
             return self._run_raw(x)
         except (RuntimeError, ValueError) as exc:
-            raise FormatError(f"{self.path}: the TFLite interpreter failed: {_first_line(exc)}",
+            raise FormatError(f"{self.path}: the TFLite interpreter failed: {first_line(exc)}",
                               hint="models with Flex (SELECT_TF_OPS) or custom ops need a "
                                    "runtime built with them") from exc
 
@@ -256,7 +256,7 @@ def read_model(path: Path) -> dict:
     except FormatError:
         raise
     except Exception as exc:  # IndexError / struct.error on a truncated flatbuffer
-        raise FormatError(f"{path}: corrupt or truncated TFLite flatbuffer: {_first_line(exc)}") from exc
+        raise FormatError(f"{path}: corrupt or truncated TFLite flatbuffer: {first_line(exc)}") from exc
 
 
 def inspect(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None) -> dict:
@@ -270,8 +270,3 @@ def inspect(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None) ->
         "outputs": [s.to_dict() for s in sig.outputs],
     })
     return facts
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

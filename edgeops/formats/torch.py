@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeopsError, FormatError, UnsafePickleError
+from ..errors import EdgeopsError, FormatError, UnsafePickleError, first_line
 from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec
 
 _NEED_CODE = ("weights only, the model's code is needed: export it with "
@@ -301,10 +301,6 @@ def _torch():
     return require("torch", "torch", "PyTorch models")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
 
 def _refuse(path: Path, fmt: str) -> None:
     from . import get_format
@@ -345,7 +341,7 @@ def load(path: Path, fmt: str = "torchscript", opts: LoadOptions | None = None):
                 m = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise FormatError(f"{path}: truncated or corrupt TorchScript archive: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
         return m.eval()
     if fmt == "torch-export":
         if not opts.trust_pickle:
@@ -354,7 +350,7 @@ def load(path: Path, fmt: str = "torchscript", opts: LoadOptions | None = None):
             with quiet():
                 return torch.export.load(str(path))
         except Exception as exc:
-            raise FormatError(f"{path}: cannot load torch.export program: {_first_line(exc)}") from exc
+            raise FormatError(f"{path}: cannot load torch.export program: {first_line(exc)}") from exc
     raise FormatError(f"{path}: not a torch format: {fmt}")
 
 
@@ -686,7 +682,7 @@ class TorchRunner:
         except Exception as exc:
             shapes = ", ".join(f"{n}{list(a.shape)}" for n, a in zip(self._in_names, arrays))
             raise EdgeopsError(f"the torch model failed to run on {shapes}: "
-                               f"{_first_line(exc)}") from exc
+                               f"{first_line(exc)}") from exc
         flat = flatten_outputs(out, self._out_names)
         return {k: v.detach().cpu().numpy() for k, v in flat}
 
