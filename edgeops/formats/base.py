@@ -8,6 +8,7 @@ plain data types and the content probe; it imports no framework.
 from __future__ import annotations
 
 import hashlib
+import io
 import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -216,33 +217,7 @@ def scan_protobuf_prefix(buf: bytes, max_fields: int = 1_000_000) -> tuple[dict[
     A truncated file parses cleanly up to the cut, so the prefix still tells what kind
     of message it was -- which lets detection say "truncated ONNX" instead of "unknown".
     """
-    fields: dict[int, int] = {}
-    pos, n = 0, len(buf)
-    try:
-        for _ in range(max_fields):
-            if pos == n:
-                return fields, True
-            key, pos = _varint(buf, pos)
-            num, wt = key >> 3, key & 7
-            if num == 0 or wt not in (0, 1, 2, 5):
-                return fields, False
-            if wt == 0:
-                _, pos = _varint(buf, pos)
-            elif wt == 1:
-                pos += 8
-            elif wt == 2:
-                ln, pos = _varint(buf, pos)
-                pos += ln
-            else:
-                pos += 4
-            if fields.get(num, wt) != wt:
-                return fields, False
-            fields[num] = wt  # recorded even when cut off: the tag itself was intact
-            if pos > n:
-                return fields, False
-    except ValueError:
-        return fields, False
-    return fields, False
+    return scan_protobuf_file(io.BytesIO(buf), len(buf), max_fields)
 
 
 def _read_varint(f) -> int | None:
