@@ -65,7 +65,7 @@ def _esc(text: str) -> str:
 def cli(debug: bool) -> None:
     """edgeops: convert, verify and ship ML models to edge devices.
 
-    Exit codes: 0 ok, 1 verification failed, 2 usage or input error,
+    Exit codes: 0 ok, 1 verification failed or a budget not met, 2 usage or input error,
     3 environment (missing extra), 70 internal error.
     """
 
@@ -75,4 +75,4 @@ def main() -> None:
     cli.main(prog_name="edgeops")
 
 
-from . import commands  # noqa: E402,F401  (registers the commands on `cli`)
+from . import commands, optimize  # noqa: E402,F401  (registers the commands on `cli`)

@@ -1,0 +1,251 @@
+"""The two gates every optimized model passes: an accuracy budget and a speed gate.
+
+* Data: an .npz keyed by input name (or a folder of NAME.npy), samples on axis 0, with an
+  optional labels array named by `labels_key`. `Dataset` slices it into feeds.
+* Metric: top-1 accuracy against labels, or agreement / cosine with the fp32 model.
+  All metrics are fractions in [0, 1]; a drop is `before - after` in the same unit.
+* Speed: fp32 and candidates measured in one process, interleaved round-robin with the
+  order rotated each round, so drift (thermal, frequency, a neighbour's load) hits every
+  model alike. p50 of enough runs; a candidate is "faster" only above FASTER_THRESHOLD.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import UsageError
+from ..formats.base import Signature
+
+FASTER_THRESHOLD = 1.05     # below a 5 % gain, a "speedup" is within run-to-run noise here
+SLOWER_THRESHOLD = 0.95
+
+METRICS = ("auto", "accuracy", "agreement", "cosine")
+
+
+def parse_drop(text: str | float) -> float:
+    """'0.5%' -> 0.005; '0.005' -> 0.005. A bare number above 1 is refused as ambiguous."""
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            v = float(s[:-1]) / 100.0
+        else:
+            v = float(s)
+            if v > 1:
+                raise UsageError(f"--max-drop {s}: ambiguous; write a percentage such as {s}%")
+    except ValueError:
+        raise UsageError(f"--max-drop {s!r}: expected a percentage like 0.5% or a fraction "
+                         "like 0.005") from None
+    if not 0 <= v <= 1:
+        raise UsageError(f"--max-drop {s}: must be between 0% and 100%")
+    return v
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Dataset:
+    """Model inputs with samples on axis 0, plus optional labels."""
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str                  # file name, "random (generated)", ...
+    batch: int = 1               # rows per inference (the model's fixed batch, else chosen)
+
+    @property
+    def n(self) -> int:
+        return int(next(iter(self.feeds.values())).shape[0])
+
+    def batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        n = self.n if limit is None else min(self.n, limit)
+        for i in range(0, n - self.batch + 1, self.batch):
+            yield {k: v[i:i + self.batch] for k, v in self.feeds.items()}
+
+    def n_batches(self, limit: int | None = None) -> int:
+        n = self.n if limit is None else min(self.n, limit)
+        return n // self.batch
+
+    def first(self) -> dict[str, np.ndarray]:
+        return next(self.batches())
+
+
+def fixed_batch(signature: Signature) -> int | None:
+    dims = [s.shape[0] for s in signature.inputs if s.shape]
+    fixed = {d for d in dims if isinstance(d, int) and d > 0}
+    return fixed.pop() if len(fixed) == 1 and all(isinstance(d, int) for d in dims) else None
+
+
+def load_dataset(path: str | Path, signature: Signature, labels_key: str | None = None,
+                 eval_batch: int = 32) -> Dataset:
+    from ..verify import adapt_feeds, load_inputs
+
+    raw = load_inputs(path)
+    labels = None
+    if labels_key is not None:
+        if labels_key not in raw:
+            raise UsageError(f"{path}: no array named {labels_key!r} for --labels "
+                             f"(arrays: {', '.join(sorted(raw))})")
+        labels = np.asarray(raw.pop(labels_key))
+    feeds = adapt_feeds(raw, signature)
+    ns = {k: v.shape[0] if v.ndim else 0 for k, v in feeds.items()}
+    if len(set(ns.values())) != 1 or 0 in ns.values():
+        raise UsageError(f"{path}: inputs must share the sample axis 0 (sizes {ns})")
+    n = next(iter(ns.values()))
+    if labels is not None and labels.shape[0] != n:
+        raise UsageError(f"{path}: {labels.shape[0]} labels for {n} samples")
+    fixed = fixed_batch(signature)
+    batch = fixed if fixed else min(eval_batch, n)
+    if n < batch:
+        raise UsageError(f"{path}: {n} samples, but the model takes batches of {batch}")
+    for spec in signature.inputs:
+        arr = feeds[spec.name]
+        if spec.shape and len(spec.shape) != arr.ndim:
+            raise UsageError(f"{path}: {spec.name!r} has shape {list(arr.shape)}, the model "
+                             f"expects rank {len(spec.shape)} {spec.shape} (samples on axis 0)")
+    return Dataset(feeds=feeds, labels=labels, source=Path(path).name, batch=batch)
+
+
+def random_dataset(signature: Signature, n: int = 64, seed: int = 0) -> Dataset:
+    from ..verify import make_inputs
+
+    fixed = fixed_batch(signature)
+    batch = fixed or 1
+    parts = [make_inputs(signature, batch=batch, seed=seed + i) for i in range(max(1, n // batch))]
+    feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return Dataset(feeds=feeds, labels=None, source="random (generated)", batch=batch)
+
+
+# ----------------------------------------------------------------------------- metric
+
+def _primary(outs: list[np.ndarray]) -> int:
+    for i, o in enumerate(outs):
+        if np.issubdtype(o.dtype, np.floating) and o.ndim >= 2:
+            return i
+    return 0
+
+
+def pick_metric(requested: str, data: Dataset, ref_outputs: list[np.ndarray]) -> str:
+    if requested not in METRICS:
+        raise UsageError(f"--metric {requested}: choose from {', '.join(METRICS)}")
+    if requested == "accuracy" and data.labels is None:
+        raise UsageError("--metric accuracy needs labels", hint="pass --labels KEY with --eval")
+    if requested != "auto":
+        return requested
+    if data.labels is not None:
+        return "accuracy"
+    p = ref_outputs[_primary(ref_outputs)]
+    if np.issubdtype(p.dtype, np.floating) and p.ndim == 2 and p.shape[1] > 1:
+        return "agreement"
+    return "cosine"
+
+
+def _pred(o: np.ndarray) -> np.ndarray:
+    if np.issubdtype(o.dtype, np.floating) and o.ndim >= 2 and o.shape[-1] > 1:
+        return o.reshape(o.shape[0], -1, o.shape[-1]).argmax(-1).reshape(o.shape[0], -1)
+    return o.reshape(o.shape[0], -1)
+
+
+def collect_outputs(run: Callable[[dict], list[np.ndarray]], data: Dataset,
+                    tick: Callable[[], None] | None = None) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = []
+    for feeds in data.batches():
+        parts.append([np.asarray(o) for o in run(feeds)])
+        if tick:
+            tick()
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def score(metric: str, outs: list[np.ndarray], ref: list[np.ndarray], labels: np.ndarray | None) -> float:
+    """Metric of `outs` (a candidate's outputs over the dataset); `ref` are fp32 outputs."""
+    i = _primary(ref)
+    if metric == "accuracy":
+        pred = _pred(outs[i])
+        lab = labels[: pred.shape[0]].reshape(pred.shape[0], -1)
+        if lab.shape != pred.shape:
+            raise UsageError(f"labels shape {list(labels.shape)} does not match predictions "
+                             f"{list(pred.shape)} of output {i}")
+        return float(np.mean(np.all(pred == lab, axis=1)))
+    if metric == "agreement":
+        return float(np.mean(np.all(_pred(outs[i]) == _pred(ref[i]), axis=1)))
+    # cosine: mean per-sample cosine, worst float output
+    worst = 1.0
+    for o, r in zip(outs, ref):
+        if not np.issubdtype(r.dtype, np.floating):
+            continue
+        a = o.reshape(o.shape[0], -1).astype(np.float64)
+        b = r.reshape(r.shape[0], -1).astype(np.float64)
+        num = np.sum(a * b, axis=1)
+        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        cos = np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.all(a == b, axis=1), 1.0, 0.0))
+        worst = min(worst, float(np.mean(cos)))
+    return worst
+
+
+# ----------------------------------------------------------------------------- speed
+
+@dataclass
+class Timing:
+    p50_ms: float
+    p90_ms: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return {"p50_ms": round(self.p50_ms, 4), "p90_ms": round(self.p90_ms, 4), "runs": self.runs}
+
+
+@dataclass
+class SpeedResult:
+    timings: dict[str, Timing]
+    threads: int
+    baseline: str = "fp32"
+    notes: list[str] = field(default_factory=list)
+
+    def speedup(self, name: str) -> float:
+        return self.timings[self.baseline].p50_ms / self.timings[name].p50_ms
+
+
+def verdict(speedup: float) -> str:
+    if speedup >= FASTER_THRESHOLD:
+        return "faster"
+    if speedup <= SLOWER_THRESHOLD:
+        return "SLOWER"
+    return "not faster"
+
+
+def session(path: str | Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def measure_interleaved(models: dict[str, str | Path], feeds: dict[str, np.ndarray], threads: int = 1,
+                        min_runs: int = 50, max_runs: int = 2000, seconds: float = 3.0,
+                        warmup: int = 5) -> SpeedResult:
+    """Round-robin latency of several models on the same feeds, in this process."""
+    sess = {name: session(p, threads) for name, p in models.items()}
+    names = list(sess)
+    for _ in range(warmup):
+        for n in names:
+            sess[n].run(None, feeds)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    r = 0
+    while r < max_runs and (r < min_runs or time.perf_counter() - start < seconds):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            sess[n].run(None, feeds)
+            times[n].append(time.perf_counter() - t0)
+        r += 1
+    out = {n: Timing(p50_ms=1e3 * float(np.median(v)), p90_ms=1e3 * float(np.percentile(v, 90)),
+                     runs=len(v)) for n, v in times.items()}
+    return SpeedResult(timings=out, threads=threads)
+

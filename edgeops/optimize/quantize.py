@@ -1,0 +1,625 @@
+"""`edgeops optimize --quantize`: int8 (static, dynamic) and fp16 inside an accuracy budget,
+called faster only when it measures faster.
+
+Flow for one call:
+  1. refuse what cannot be quantized here (non-ONNX sources, models without float weights);
+  2. prepare: name nodes, hoist Constant weights, onnxruntime pre-processing (graph.py);
+  3. choose int8 settings from the CPU features or a target profile (isa.py);
+  4. build each requested variant; evaluate it on the eval set against the fp32 metric;
+     over budget -> rank nodes by the error they inject and keep the worst in float,
+     doubling then bisecting the fallback set until the budget holds;
+  5. time fp32 and every variant interleaved in this process (gates.py);
+  6. pick (auto: the fastest within budget), write the model with lineage and a JSON report.
+A budget that cannot be met, or `require_speedup` without a speedup, writes the best attempt
+beside the output as NAME.rejected.onnx, never to the output path, and the report says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConversionError, EdgeopsError, UsageError, VerificationError, first_line
+from . import gates, graph, isa
+
+MODES = ("static", "dynamic", "fp16", "auto")
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+CALIB_LIMIT = 512          # calibration samples used at most
+SENS_LIMIT = 64            # samples used to rank node sensitivity
+REPORT_SUFFIX = ".edgeops.json"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's calibrators print() progress to stdout and log a warning per call;
+    stdout is ours (tables, --json), so both are silenced while it works."""
+    import io
+    import logging
+
+    prev = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(prev)
+
+
+class BudgetError(VerificationError):
+    """The accuracy budget (or the required speedup) was not met. Exit 1."""
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Progress:
+    """Hooks the CLI fills in; the library only calls them."""
+
+    def say(self, msg: str) -> None:
+        pass
+
+    def task(self, desc: str, total: int) -> Callable[[], None]:
+        return lambda: None
+
+    def done(self) -> None:
+        pass
+
+    def warn(self, msg: str) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- report
+
+@dataclass
+class Attempt:
+    fallback: int
+    metric: float
+    drop: float
+    within_budget: bool
+
+
+@dataclass
+class Variant:
+    name: str                                  # static | dynamic | fp16
+    settings: dict
+    path: str | None = None
+    metric: float | None = None
+    drop: float | None = None
+    within_budget: bool = False
+    fallback_nodes: list[str] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)
+    size: int | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    runs: int | None = None
+    speedup: float | None = None
+    verdict: str | None = None
+    weights: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class QuantizeReport:
+    source: str
+    output: str | None
+    mode: str
+    metric: str
+    metric_fp32: float
+    max_drop: float
+    eval_data: str
+    eval_samples: int
+    calibration: str | None
+    cpu: dict
+    settings: dict
+    preprocess: list[str]
+    threads: int
+    fp32: dict
+    variants: list[Variant]
+    chosen: str | None
+    passed: bool
+    failure: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    rejected_output: str | None = None
+    report_path: str | None = None
+    seconds: float = 0.0
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["faster_threshold"] = gates.FASTER_THRESHOLD
+        return d
+
+
+# ----------------------------------------------------------------------------- builders
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[name]
+
+
+def _calib_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a Dataset, ticking a progress bar."""
+
+    def __init__(self, data: gates.Dataset, limit: int, tick: Callable[[], None]):
+        self._it = data.batches(limit)
+        self._tick = tick
+
+    def get_next(self):
+        b = next(self._it, None)
+        if b is not None:
+            self._tick()
+        return b
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        b = self.get_next()
+        if b is None:
+            raise StopIteration
+        return b
+
+
+def _subgraph_matmuls(model) -> list[str]:
+    names = []
+    for g, depth in graph.all_graphs(model.graph):
+        if depth == 0:
+            continue
+        inits = {t.name for t in g.initializer}
+        for n in g.node:
+            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits:
+                names.append(n.name)
+    return names
+
+
+def build_static(pre: Path, out: Path, s: isa.QuantSettings, method: str, calib: gates.Dataset,
+                 cache: Path, exclude: list[str], prog: Progress) -> Path:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    reader = None
+    if not cache.exists():
+        n = calib.n_batches(CALIB_LIMIT)
+        reader = _Reader(calib, CALIB_LIMIT, prog.task(f"calibrating ({method})", n))
+    tmp = out.with_suffix(".main.onnx")
+    try:
+        with _quiet():
+            quantize_static(
+                str(pre), str(tmp), reader, quant_format=QuantFormat.QDQ,
+                activation_type=_qtype(s.activation_type), weight_type=_qtype(s.weight_type),
+                per_channel=s.per_channel, reduce_range=s.reduce_range,
+                calibrate_method=_calib_method(method), nodes_to_exclude=list(exclude),
+                calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        prog.done()
+    # the QDQ quantizer does not enter If/Loop bodies: their MatMul/Gemm weights get
+    # onnxruntime's dynamic int8 (MatMulInteger), which does
+    sub = [n for n in _subgraph_matmuls(onnx.load(str(tmp))) if n not in exclude]
+    if sub:
+        from onnxruntime.quantization import quantize_dynamic
+
+        with _quiet():
+            quantize_dynamic(str(tmp), str(out), weight_type=_qtype("int8"),
+                             reduce_range=s.reduce_range, nodes_to_quantize=sub,
+                             op_types_to_quantize=["MatMul", "Gemm"],
+                             extra_options={"EnableSubgraph": True})
+        tmp.unlink()
+    else:
+        tmp.replace(out)
+    return out
+
+
+def build_dynamic(pre: Path, out: Path, s: isa.QuantSettings, op_types: list[str],
+                  exclude: list[str]) -> Path:
+    from onnxruntime.quantization import quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(str(pre), str(out), weight_type=_qtype("int8"), per_channel=False,
+                         reduce_range=s.reduce_range, op_types_to_quantize=list(op_types),
+                         nodes_to_exclude=list(exclude),
+                         extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
+    return out
+
+
+def build_fp16(pre: Path, out: Path, keep_io_types: bool, exclude: list[str]) -> Path:
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(pre))
+    with _quiet():
+        m16 = float16.convert_float_to_float16(model, keep_io_types=keep_io_types,
+                                               node_block_list=list(exclude) or None,
+                                               disable_shape_infer=False)
+    onnx.save(m16, str(out))
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class _Evaluator:
+    def __init__(self, data: gates.Dataset, metric: str, ref: list[np.ndarray], threads: int,
+                 prog: Progress):
+        self.data, self.metric, self.ref, self.threads, self.prog = data, metric, ref, threads, prog
+
+    def __call__(self, path: Path, label: str) -> float:
+        sess = gates.session(path, self.threads)
+        tick = self.prog.task(f"evaluating {label}", self.data.n_batches())
+        try:
+            outs = gates.collect_outputs(lambda f: sess.run(None, f), self.data, tick)
+        finally:
+            self.prog.done()
+        return gates.score(self.metric, outs, self.ref, self.data.labels)
+
+
+def _within(metric_fp32: float, metric: float, max_drop: float) -> bool:
+    return metric_fp32 - metric <= max_drop + 1e-12
+
+
+def _budget_search(name: str, build: Callable[[list[str], Path], Path], evaluate: _Evaluator,
+                   metric_fp32: float, max_drop: float, pre: Path, sens_batches: list[dict],
+                   workdir: Path, candidates_of: Callable[[Path], set[str] | None],
+                   user_exclude: list[str], prog: Progress, variant: Variant,
+                   first: tuple[Path, float] | None = None) -> None:
+    """Build with no fallback; if over budget, keep the most error-injecting nodes in float:
+    1, 2, 4, ... nodes, then bisect down to the smallest set that meets the budget."""
+    counter = [0]
+
+    def attempt(k: int, ranked: list[str]) -> tuple[Path, float]:
+        counter[0] += 1
+        out = workdir / f"{name}.{counter[0]}.onnx"
+        fb = ranked[:k]
+        build(user_exclude + fb, out)
+        m = evaluate(out, f"{name}" + (f" ({k} nodes float)" if k else ""))
+        variant.attempts.append(asdict(Attempt(k, round(m, 6), round(metric_fp32 - m, 6),
+                                               _within(metric_fp32, m, max_drop))))
+        return out, m
+
+    if first is not None:       # already built and scored (the calibration-method probe)
+        p0, m0 = first
+        variant.attempts.append(asdict(Attempt(0, round(m0, 6), round(metric_fp32 - m0, 6),
+                                               _within(metric_fp32, m0, max_drop))))
+    else:
+        p0, m0 = attempt(0, [])
+    best = (m0, p0, [])
+    if _within(metric_fp32, m0, max_drop):
+        _set(variant, p0, m0, metric_fp32, max_drop, [])
+        return
+    prog.say(f"{name}: drop {100 * (metric_fp32 - m0):.2f} points is over the "
+             f"{100 * max_drop:.2f} budget; ranking nodes by the error they inject")
+    scores = graph.rank_sensitivity(pre, p0, sens_batches, workdir, candidates_of(p0))
+    ranked = [n for n, _ in scores if n not in user_exclude]
+    if not ranked:
+        _set(variant, p0, m0, metric_fp32, max_drop, [])
+        return
+    lo, hi, k = 0, None, 1
+    found: tuple[float, Path, list[str]] | None = None
+    while True:
+        k = min(k, len(ranked))
+        p, m = attempt(k, ranked)
+        if m > best[0]:
+            best = (m, p, ranked[:k])
+        if _within(metric_fp32, m, max_drop):
+            hi, found = k, (m, p, ranked[:k])
+            break
+        lo = k
+        if k == len(ranked):
+            break
+        k *= 2
+    if found is not None:
+        while hi - lo > 1:      # smallest fallback set that still meets the budget
+            mid = (lo + hi) // 2
+            p, m = attempt(mid, ranked)
+            if _within(metric_fp32, m, max_drop):
+                hi, found = mid, (m, p, ranked[:mid])
+            else:
+                lo = mid
+        m, p, fb = found
+        _set(variant, p, m, metric_fp32, max_drop, fb)
+    else:
+        m, p, fb = best
+        _set(variant, p, m, metric_fp32, max_drop, fb)
+
+
+def _set(v: Variant, path: Path, metric: float, metric_fp32: float, max_drop: float,
+         fallback: list[str]) -> None:
+    v.path, v.metric, v.drop = str(path), metric, metric_fp32 - metric
+    v.within_budget = _within(metric_fp32, metric, max_drop)
+    v.fallback_nodes = list(fallback)
+
+
+# ----------------------------------------------------------------------------- main entry
+
+def _check_source(src: Path):
+    import onnx
+
+    from .. import formats
+
+    info = formats.detect(src)
+    if info.id != "onnx":
+        if info.family == "coreml":
+            raise UsageError(f"{src}: Core ML models cannot be quantized here: there is no "
+                             "Core ML runtime on this OS to measure accuracy or speed",
+                             hint="quantize the ONNX model, then convert it to Core ML "
+                                  "(or use coremltools.optimize on macOS)")
+        raise UsageError(f"{src}: optimize --quantize works on ONNX models, this is "
+                         f"{info.description}",
+                         hint=f"convert it first: edgeops convert {src} -o model.onnx")
+    try:
+        model = onnx.load(str(src))
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"{src}: onnx cannot load the model: {first_line(exc)}") from None
+    stats = graph.weight_stats(model)
+    if stats.float_params == 0:
+        raise UsageError(f"{src}: the model has no float weights, nothing to quantize",
+                         hint="it may already be quantized, or keep its weights in "
+                              "attributes (e.g. tree ensembles)")
+    return model, stats
+
+
+def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
+             calibration: str | Path | None = None, eval_data: str | Path | None = None,
+             labels: str | None = None, metric: str = "auto", max_drop: float = 0.01,
+             calib_method: str = "auto", target: str | Path | None = None, threads: int = 1,
+             require_speedup: bool = False, op_types: list[str] | None = None,
+             exclude: list[str] | None = None, keep_io_types: bool = True,
+             measure_seconds: float = 3.0, progress: Progress | None = None) -> QuantizeReport:
+    from .. import lineage
+    from ..formats import onnx as onnx_fmt
+    from ..formats.base import sha256_path
+
+    t_start = time.perf_counter()
+    prog = progress or Progress()
+    src, dst = Path(src), Path(dst)
+    if mode not in MODES:
+        raise UsageError(f"--quantize {mode}: choose from {', '.join(MODES)}")
+    if calib_method != "auto" and calib_method not in CALIB_METHODS:
+        raise UsageError(f"--calib-method {calib_method}: choose from auto, "
+                         f"{', '.join(CALIB_METHODS)}")
+    if threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if dst.suffix.lower() != ".onnx":
+        raise UsageError(f"-o {dst}: the output of --quantize is an ONNX model (.onnx)")
+    if dst.resolve() == src.resolve():
+        raise UsageError("-o must differ from the source model; the source is never overwritten")
+    model, src_stats = _check_source(src)
+    sig = onnx_fmt.signature_of(model)
+    warnings: list[str] = []
+
+    cpu = isa.from_target(target) if target else isa.detect()
+    settings = isa.choose(cpu)
+    if op_types:
+        settings.dynamic_op_types = list(op_types)
+        settings.reasons.append(f"dynamic op types set by the user: {', '.join(op_types)}")
+
+    # ---- data
+    needs_calib = mode in ("static", "auto")
+    calib = None
+    calib_label = None
+    if calibration is not None and str(calibration) == "random":
+        calib = gates.random_dataset(sig, n=64)
+        calib_label = "random (generated)"
+        warnings.append("calibrating on RANDOM inputs: activation ranges will not match real "
+                        "data, and int8 accuracy on real inputs is unknown")
+        prog.warn(warnings[-1])
+    elif calibration is not None:
+        calib = gates.load_dataset(calibration, sig)
+        calib_label = f"{calib.source} ({calib.n} samples)"
+    elif mode == "static":
+        raise UsageError("static quantization needs calibration data: --calibration DATA "
+                         "(.npz keyed by input name, or a folder of .npy)",
+                         hint="--calibration random calibrates on generated inputs (not advised)")
+    if eval_data is not None:
+        data = gates.load_dataset(eval_data, sig, labels)
+    elif labels is not None:
+        raise UsageError("--labels names an array in the --eval data; pass --eval DATA too")
+    elif calib is not None and calib_label != "random (generated)":
+        data = calib
+        warnings.append("no --eval data: evaluating on the calibration data (optimistic)")
+    else:
+        data = gates.random_dataset(sig, n=64, seed=1)
+        warnings.append("no --eval data: accuracy measured as agreement with fp32 on RANDOM "
+                        "inputs; real-data accuracy is unknown")
+    for w in warnings[-1:]:
+        if w.startswith("no --eval"):
+            prog.warn(w)
+
+    work = Path(tempfile.mkdtemp(prefix="edgeops-quant-"))
+    try:
+        prog.say("pre-processing (shape inference + graph optimization)")
+        prep = graph.prepare(src, work)
+        pre = prep.path
+
+        # ---- fp32 reference
+        fsess = gates.session(src, threads)
+        tick = prog.task("evaluating fp32", data.n_batches())
+        try:
+            ref = gates.collect_outputs(lambda f: fsess.run(None, f), data, tick)
+        except EdgeopsError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"the fp32 model fails on the eval data: {first_line(exc)}") from None
+        finally:
+            prog.done()
+        del fsess
+        metric_name = gates.pick_metric(metric, data, ref)
+        metric_fp32 = gates.score(metric_name, ref, ref, data.labels)
+        evaluate = _Evaluator(data, metric_name, ref, threads, prog)
+        sens_src = calib if calib is not None else data
+        sens_batches = list(sens_src.batches(SENS_LIMIT))
+        user_exclude = list(exclude or [])
+
+        import onnx
+        pre_model = onnx.load(str(pre))
+
+        def cands(qpath: Path) -> set[str]:
+            return graph.quantized_nodes(pre_model, onnx.load(str(qpath)))
+
+        # ---- variants
+        names = ["static", "dynamic", "fp16"] if mode == "auto" else [mode]
+        if mode == "auto" and calib is None:
+            names.remove("static")
+            warnings.append("auto: static int8 skipped, no --calibration data given")
+            prog.warn(warnings[-1])
+        variants: list[Variant] = []
+        for name in names:
+            v = Variant(name=name, settings={})
+            variants.append(v)
+            try:
+                _run_variant(v, pre, work, settings, calib, calib_method, op_types, user_exclude,
+                             keep_io_types, evaluate, metric_fp32, max_drop, sens_batches, cands,
+                             prog)
+            except EdgeopsError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one failed variant must not hide the others
+                v.error = first_line(exc)
+                if mode != "auto":
+                    raise ConversionError(f"{name} quantization failed: {v.error}") from exc
+                prog.warn(f"{name}: failed: {v.error}")
+
+        built = [v for v in variants if v.path]
+        if not built:
+            raise ConversionError("no quantized variant could be built: " +
+                                  "; ".join(f"{v.name}: {v.error}" for v in variants))
+        for v in built:
+            qm = onnx.load(v.path)
+            if v.name != "fp16" and graph.quantized_op_count(qm) == 0:
+                v.error = "nothing was quantized (no supported op with float weights)"
+                v.path = None
+                continue
+            ws = graph.weight_stats(qm, (1, 11) if v.name == "fp16" else graph.FLOAT_TYPES)
+            v.weights = ws.to_dict()
+            v.size = Path(v.path).stat().st_size
+        built = [v for v in variants if v.path]
+        if not built:
+            raise UsageError(f"{src}: nothing to quantize: " + "; ".join(
+                f"{v.name}: {v.error}" for v in variants))
+
+        # ---- speed gate: all variants and fp32, interleaved
+        prog.say(f"timing fp32 and {', '.join(v.name for v in built)} interleaved "
+                 f"({threads} thread{'s' if threads > 1 else ''})")
+        one = gates.fixed_batch(sig) or 1      # latency of one inference at the model's batch
+        feeds = {k: a[:one] for k, a in data.feeds.items()}
+        speed = gates.measure_interleaved({"fp32": src, **{v.name: v.path for v in built}},
+                                          feeds, threads=threads, seconds=measure_seconds)
+        for v in built:
+            t = speed.timings[v.name]
+            v.p50_ms, v.p90_ms, v.runs = t.p50_ms, t.p90_ms, t.runs
+            v.speedup = speed.speedup(v.name)
+            v.verdict = gates.verdict(v.speedup)
+        fp32_t = speed.timings["fp32"]
+
+        # ---- choose
+        ok = [v for v in built if v.within_budget]
+        if mode == "auto":
+            fast = [v for v in ok if v.verdict == "faster"]
+            pool = fast or ok
+            chosen = max(pool, key=lambda v: v.speedup) if pool else max(built, key=lambda v: v.metric)
+        else:
+            chosen = built[0]
+        failure = None
+        if not chosen.within_budget:
+            failure = (f"accuracy budget not met: best {chosen.name} drops "
+                       f"{100 * chosen.drop:.2f} points ({metric_name} {metric_fp32:.4f} -> "
+                       f"{chosen.metric:.4f}), budget {100 * max_drop:.2f}")
+        elif require_speedup and chosen.verdict != "faster":
+            failure = (f"--require-speedup: {chosen.name} is {chosen.verdict} than fp32 "
+                       f"({chosen.speedup:.2f}x; needs >= {gates.FASTER_THRESHOLD:.2f}x)")
+        if chosen.verdict != "faster" and not failure:
+            warnings.append(f"{chosen.name} is {chosen.verdict.upper()} than fp32 on this CPU "
+                            f"({chosen.speedup:.2f}x): it saves size, not time")
+
+        report = QuantizeReport(
+            source=str(src), output=None, mode=mode, metric=metric_name, metric_fp32=metric_fp32,
+            max_drop=max_drop, eval_data=data.source, eval_samples=data.n, calibration=calib_label,
+            cpu={"arch": cpu.arch, "features": cpu.features, "source": cpu.source,
+                 "model": cpu.model},
+            settings=settings.to_dict(), preprocess=prep.notes, threads=threads,
+            fp32={"size": src.stat().st_size, "p50_ms": fp32_t.p50_ms, "p90_ms": fp32_t.p90_ms,
+                  "runs": fp32_t.runs, "metric": metric_fp32, "weights": src_stats.to_dict()},
+            variants=variants, chosen=chosen.name, passed=failure is None, failure=failure,
+            warnings=warnings)
+
+        # ---- write
+        final = dst if failure is None else dst.with_name(dst.stem + ".rejected.onnx")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(chosen.path, final)
+        for v in variants:
+            v.path = None       # temp paths mean nothing after this call
+        parent = lineage.read_onnx_lineage(src)
+        record = lineage.make_record(
+            "optimize.quantize", src, sha256_path(src), "onnx",
+            {"quantize": {"mode": mode, "variant": chosen.name, "settings": chosen.settings,
+                          "metric": metric_name, "metric_fp32": metric_fp32,
+                          "metric_quantized": chosen.metric, "max_drop": max_drop,
+                          "fallback_nodes": chosen.fallback_nodes,
+                          "p50_ms_fp32": fp32_t.p50_ms, "p50_ms": chosen.p50_ms,
+                          "speedup": chosen.speedup, "threads": threads,
+                          "calibration": calib_label, "eval_data": data.source,
+                          "cpu": report.cpu, "passed": failure is None}},
+            parent=parent)
+        lineage.write_onnx_lineage(final, record, {"edgeops.optimize": json.dumps(
+            {"variant": chosen.name, "passed": failure is None}, sort_keys=True)})
+        if failure is None:
+            report.output = str(final)
+        else:
+            report.rejected_output = str(final)
+        report.seconds = time.perf_counter() - t_start
+        report_path = dst.with_name(dst.name + REPORT_SUFFIX)
+        report.report_path = str(report_path)
+        report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
+                 calib: gates.Dataset | None, calib_method: str, op_types: list[str] | None,
+                 user_exclude: list[str], keep_io_types: bool, evaluate: _Evaluator,
+                 metric_fp32: float, max_drop: float, sens_batches: list[dict],
+                 cands: Callable[[Path], set[str]], prog: Progress) -> None:
+    if v.name == "static":
+        methods = list(CALIB_METHODS) if calib_method == "auto" else [calib_method]
+        scores, probes = {}, {}
+        for m in methods:           # calibration method: best metric with no fallback
+            out = work / f"static-{m}.probe.onnx"
+            build_static(pre, out, s, m, calib, work / f"calib-{m}.json", user_exclude, prog)
+            scores[m] = evaluate(out, f"static ({m})")
+            probes[m] = out
+        method = max(methods, key=lambda m: (scores[m], -methods.index(m)))
+        v.settings = {"format": s.quant_format, "activation_type": s.activation_type,
+                      "weight_type": s.weight_type, "per_channel": s.per_channel,
+                      "reduce_range": s.reduce_range, "calibration_method": method,
+                      "calibration_scores": {m: round(x, 6) for m, x in scores.items()}}
+        build = lambda ex, out: build_static(pre, out, s, method, calib,  # noqa: E731
+                                             work / f"calib-{method}.json", ex, prog)
+    elif v.name == "dynamic":
+        ops = op_types or s.dynamic_op_types
+        v.settings = {"weight_type": "int8", "per_channel": False, "reduce_range": s.reduce_range,
+                      "op_types": list(ops)}
+        build = lambda ex, out: build_dynamic(pre, out, s, ops, ex)  # noqa: E731
+    else:
+        v.settings = {"keep_io_types": keep_io_types, "via": "onnxconverter-common float16"}
+        build = lambda ex, out: build_fp16(pre, out, keep_io_types, ex)  # noqa: E731
+    first = (probes[method], scores[method]) if v.name == "static" else None
+    fp16 = v.name == "fp16"
+    _budget_search(v.name, build, evaluate, metric_fp32, max_drop, pre, sens_batches, work,
+                   (lambda p: None) if fp16 else cands, user_exclude, prog, v,
+                   first)
