@@ -89,7 +89,7 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
     holds; the report lists them. Exit 1 when the budget cannot be met or --require-speedup
     finds no speedup; the best attempt is then written to OUT.rejected.onnx.
     """
-    from ..optimize import quantize
+    from ..optimize.quantize import quantize
     from ..optimize.gates import parse_drop
 
     if mode is None:

@@ -6,8 +6,8 @@
 * `weight_stats`: how many float parameters a model holds, and which of them still feed a
   float compute op after quantization ("stayed float"), across all subgraphs.
 * `rank_sensitivity`: run the float and the quantized model side by side with every node
-  output exposed; a node's score is the error it *adds* (normalised MSE of its output minus
-  the worst of its inputs), so the nodes that inject the error rank first.
+  output exposed; a node's score is the error it *adds* (channel-averaged normalised MSE of
+  its output minus the worst of its inputs), so the nodes that inject the error rank first.
 """
 
 from __future__ import annotations
@@ -202,9 +202,53 @@ def _expose(model, names: list[str]):
     return m
 
 
+# ops that only move or clip values: a QDQ pair on their output is their producer's
+PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "MaxPool", "Reshape", "Transpose", "Flatten",
+                "Squeeze", "Unsqueeze", "Identity", "Dropout", "Cast", "Slice", "Gather",
+                "Split", "Pad", "Resize"}
+
+
+def _channel_axis(a: np.ndarray) -> int:
+    return 1 if a.ndim in (2, 4, 5) else a.ndim - 1
+
+
+@dataclass
+class Sensitivity:
+    node: str
+    score: float | None          # error added by this node; None: not comparable
+    group: list[str]             # what to keep in float to undo it
+
+
+def _group(node, producers: dict, consumers: dict, candidates: set[str] | None,
+           shared_activations: bool) -> list[str]:
+    """The node, plus (when activations are quantized as shared tensors, i.e. QDQ) the
+    consumers of its outputs and the producers back through pass-through ops: a QDQ pair on
+    a tensor goes away only when its producer and every consumer stay float."""
+    group = [node.name]
+    if not shared_activations:
+        return group
+    for o in node.output:
+        group += [c.name for c in consumers.get(o, []) if c.name not in group]
+    stack = [(i, 0) for i in node.input]
+    while stack:
+        t, depth = stack.pop()
+        p = producers.get(t)
+        if p is None or depth > 6 or p.name in group:
+            continue
+        group.append(p.name)
+        if p.op_type in PASS_THROUGH:
+            stack.extend((i, depth + 1) for i in p.input[:1])
+    return [g for g in group if candidates is None or g in candidates or g == node.name]
+
+
 def rank_sensitivity(float_path: Path, quant_path: Path, batches: list[dict], workdir: Path,
-                     candidates: set[str] | None = None) -> list[tuple[str, float]]:
-    """Main-graph nodes of the float model, most error-injecting first: (name, score)."""
+                     candidates: set[str] | None = None, skip: set[str] = frozenset(),
+                     shared_activations: bool = True) -> list[Sensitivity]:
+    """Main-graph nodes of the float model, most error-injecting first.
+
+    Errors are channel-averaged normalised MSE (so one huge channel cannot hide the damage
+    done to all the others). Candidates whose outputs cannot be compared (fused or removed by
+    the quantizer) follow in graph order with score None."""
     import onnx
 
     from .gates import session
@@ -213,39 +257,63 @@ def rank_sensitivity(float_path: Path, quant_path: Path, batches: list[dict], wo
     qm = onnx.load(str(quant_path))
     q_outputs = {o for n in qm.graph.node for o in n.output}
     graph_in = {i.name for i in fm.graph.input}
-    tensors = [o for n in fm.graph.node for o in n.output if o and o in q_outputs]
-    if not tensors:
-        return []
-    fpath, qpath = workdir / "sens_float.onnx", workdir / "sens_quant.onnx"
-    onnx.save(_expose(fm, tensors), str(fpath))
-    onnx.save(_expose(qm, tensors), str(qpath))
-    fs, qs = session(fpath, 1), session(qpath, 1)
-    fnames = [o.name for o in fs.get_outputs()]
-    qnames = [o.name for o in qs.get_outputs()]
-    err = {t: 0.0 for t in tensors}
-    norm = {t: 0.0 for t in tensors}
-    for feeds in batches:
-        fo = dict(zip(fnames, fs.run(None, feeds)))
-        qo = dict(zip(qnames, qs.run(None, feeds)))
-        for t in tensors:
-            a, b = fo.get(t), qo.get(t)
-            if a is None or b is None or a.shape != b.shape or not np.issubdtype(a.dtype, np.floating):
-                continue
-            a64 = a.astype(np.float64)
-            err[t] += float(np.sum((a64 - b.astype(np.float64)) ** 2))
-            norm[t] += float(np.sum(a64 ** 2))
-    nmse = {t: err[t] / (norm[t] + 1e-12) for t in tensors if norm[t] > 0 or err[t] > 0}
-    scores = []
+    producers = {o: n for n in fm.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
     for n in fm.graph.node:
-        if candidates is not None and n.name not in candidates:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # compare what consumers see: a tensor's DequantizeLinear output when it has one (that
+    # also covers activations the quantizer fused away, e.g. a Relu folded into the range)
+    qname = {}
+    for t in [i.name for i in fm.graph.input] + [o for n in fm.graph.node for o in n.output if o]:
+        if f"{t}_DequantizeLinear_Output" in q_outputs:
+            qname[t] = f"{t}_DequantizeLinear_Output"
+        elif t in q_outputs:
+            qname[t] = t
+    tensors = list(qname)
+    cmse: dict[str, float] = {}
+    if tensors:
+        fpath, qpath = workdir / "sens_float.onnx", workdir / "sens_quant.onnx"
+        onnx.save(_expose(fm, [t for t in tensors if t not in graph_in]), str(fpath))
+        onnx.save(_expose(qm, [qname[t] for t in tensors]), str(qpath))
+        fs, qs = session(fpath, 1), session(qpath, 1)
+        fnames = [o.name for o in fs.get_outputs()]
+        qnames = [o.name for o in qs.get_outputs()]
+        err: dict[str, np.ndarray] = {}
+        norm: dict[str, np.ndarray] = {}
+        for feeds in batches:
+            fo = dict(zip(fnames, fs.run(None, feeds)))
+            fo.update(feeds)
+            qo = dict(zip(qnames, qs.run(None, feeds)))
+            for t in tensors:
+                a, b = fo.get(t), qo.get(qname[t])
+                if (a is None or b is None or a.shape != b.shape or a.ndim == 0
+                        or not np.issubdtype(a.dtype, np.floating)):
+                    continue
+                ax = _channel_axis(a)
+                a64 = np.moveaxis(a.astype(np.float64), ax, 0).reshape(a.shape[ax], -1)
+                b64 = np.moveaxis(b.astype(np.float64), ax, 0).reshape(a.shape[ax], -1)
+                e, nm = np.sum((a64 - b64) ** 2, axis=1), np.sum(a64 ** 2, axis=1)
+                err[t] = err.get(t, 0) + e
+                norm[t] = norm.get(t, 0) + nm
+        for t in err:
+            n = norm[t]
+            floor = 1e-6 * float(np.mean(n)) + 1e-20
+            cmse[t] = float(np.mean(err[t] / (n + floor)))
+    scored, rest = [], []
+    for n in fm.graph.node:
+        if n.name in skip or (candidates is not None and n.name not in candidates):
             continue
-        outs = [nmse[o] for o in n.output if o in nmse]
+        group = [g for g in _group(n, producers, consumers, candidates, shared_activations)
+                 if g not in skip]
+        outs = [cmse[o] for o in n.output if o in cmse]
         if not outs:
+            rest.append(Sensitivity(n.name, None, group))
             continue
-        ins = [nmse.get(i, 0.0) for i in n.input if i in nmse or i in graph_in]
-        scores.append((n.name, max(outs) - (max(ins) if ins else 0.0)))
-    scores.sort(key=lambda s: -s[1])
-    return scores
+        ins = [cmse.get(i, 0.0) for i in n.input if i in cmse]
+        scored.append(Sensitivity(n.name, max(outs) - (max(ins) if ins else 0.0), group))
+    scored.sort(key=lambda x: -x.score)
+    return scored + rest
 
 
 def quantized_nodes(float_model, quant_model) -> set[str]:
@@ -262,3 +330,53 @@ def quantized_nodes(float_model, quant_model) -> set[str]:
         elif q.op_type != n.op_type or any(producers.get(i) == "DequantizeLinear" for i in q.input):
             out.add(n.name)
     return out
+
+
+def weight_only_int8(model, subgraphs_only: bool = True) -> int:
+    """Store float MatMul/Gemm/Conv weights as int8 + DequantizeLinear (symmetric,
+    per output channel). For weights no int8 kernel reaches (inside If/Loop bodies, which
+    the QDQ quantizer skips): the file shrinks, the math stays float. Returns the count."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    done = 0
+    for g, depth in all_graphs(model.graph):
+        if subgraphs_only and depth == 0:
+            continue
+        inits = {t.name: t for t in g.initializer}
+        users: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                users[i] = users.get(i, 0) + 1
+        new_nodes = []
+        for n in g.node:
+            w = n.input[1] if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 else None
+            t = inits.get(w) if w else None
+            if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) < 2 or users[w] != 1:
+                new_nodes.append(n)
+                continue
+            arr = numpy_helper.to_array(t)
+            if n.op_type == "Conv":
+                axis = 0
+            elif n.op_type == "Gemm":
+                axis = 0 if any(a.name == "transB" and a.i for a in n.attribute) else 1
+            else:
+                axis = arr.ndim - 1
+            red = tuple(i for i in range(arr.ndim) if i != axis)
+            scale = (np.abs(arr).max(axis=red) / 127.0).astype(np.float32)
+            scale[scale == 0] = 1.0
+            shape = [1] * arr.ndim
+            shape[axis] = -1
+            q = np.clip(np.round(arr / scale.reshape(shape)), -127, 127).astype(np.int8)
+            g.initializer.remove(t)
+            g.initializer.extend([numpy_helper.from_array(q, f"{w}_int8"),
+                                  numpy_helper.from_array(scale, f"{w}_int8_scale"),
+                                  numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{w}_int8_zp")])
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}_int8", f"{w}_int8_scale",
+                                                                  f"{w}_int8_zp"], [w],
+                                              name=f"{w}_weight_dq", axis=axis))
+            new_nodes.append(n)
+            done += 1
+        if done:
+            del g.node[:]
+            g.node.extend(new_nodes)
+    return done

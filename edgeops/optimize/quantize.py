@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import ConversionError, EdgeopsError, UsageError, VerificationError, first_line
 from . import gates, graph, isa
+from .graph import rank_sensitivity
 
 MODES = ("static", "dynamic", "fp16", "auto")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -43,11 +44,13 @@ def _quiet():
     stdout is ours (tables, --json), so both are silenced while it works."""
     import io
     import logging
+    import warnings
 
     prev = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(prev)
@@ -177,18 +180,6 @@ class _Reader:
         return b
 
 
-def _subgraph_matmuls(model) -> list[str]:
-    names = []
-    for g, depth in graph.all_graphs(model.graph):
-        if depth == 0:
-            continue
-        inits = {t.name for t in g.initializer}
-        for n in g.node:
-            if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits:
-                names.append(n.name)
-    return names
-
-
 def build_static(pre: Path, out: Path, s: isa.QuantSettings, method: str, calib: gates.Dataset,
                  cache: Path, exclude: list[str], prog: Progress) -> Path:
     import onnx
@@ -210,21 +201,23 @@ def build_static(pre: Path, out: Path, s: isa.QuantSettings, method: str, calib:
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     finally:
         prog.done()
-    # the QDQ quantizer does not enter If/Loop bodies: their MatMul/Gemm weights get
-    # onnxruntime's dynamic int8 (MatMulInteger), which does
-    sub = [n for n in _subgraph_matmuls(onnx.load(str(tmp))) if n not in exclude]
-    if sub:
-        from onnxruntime.quantization import quantize_dynamic
-
-        with _quiet():
-            quantize_dynamic(str(tmp), str(out), weight_type=_qtype("int8"),
-                             reduce_range=s.reduce_range, nodes_to_quantize=sub,
-                             op_types_to_quantize=["MatMul", "Gemm"],
-                             extra_options={"EnableSubgraph": True})
+    main = onnx.load(str(tmp))
+    if any(depth for _, depth in graph.all_graphs(main.graph)):
+        # the QDQ quantizer does not enter If/Loop bodies; their float MatMul/Gemm/Conv
+        # weights are stored int8 with a DequantizeLinear (weight-only: smaller, float math)
+        graph.weight_only_int8(main, subgraphs_only=True)
+        onnx.save(main, str(out))
         tmp.unlink()
     else:
         tmp.replace(out)
     return out
+
+
+def _with_ort_splits(names: list[str]) -> list[str]:
+    """onnxruntime's dynamic quantizer rewrites Gemm as MatMul (+Add, +Transpose) named
+    NAME_MatMul / NAME_Add / NAME_Transpose before it applies exclusions, so an excluded
+    Gemm is excluded under those names too."""
+    return [x for n in names for x in (n, f"{n}_MatMul", f"{n}_Add", f"{n}_Transpose")]
 
 
 def build_dynamic(pre: Path, out: Path, s: isa.QuantSettings, op_types: list[str],
@@ -234,7 +227,7 @@ def build_dynamic(pre: Path, out: Path, s: isa.QuantSettings, op_types: list[str
     with _quiet():
         quantize_dynamic(str(pre), str(out), weight_type=_qtype("int8"), per_channel=False,
                          reduce_range=s.reduce_range, op_types_to_quantize=list(op_types),
-                         nodes_to_exclude=list(exclude),
+                         nodes_to_exclude=_with_ort_splits(list(exclude)),
                          extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True})
     return out
 
@@ -273,69 +266,85 @@ def _within(metric_fp32: float, metric: float, max_drop: float) -> bool:
     return metric_fp32 - metric <= max_drop + 1e-12
 
 
+MAX_FALLBACK_ROUNDS = 12
+
+
 def _budget_search(name: str, build: Callable[[list[str], Path], Path], evaluate: _Evaluator,
                    metric_fp32: float, max_drop: float, pre: Path, sens_batches: list[dict],
                    workdir: Path, candidates_of: Callable[[Path], set[str] | None],
                    user_exclude: list[str], prog: Progress, variant: Variant,
-                   first: tuple[Path, float] | None = None) -> None:
-    """Build with no fallback; if over budget, keep the most error-injecting nodes in float:
-    1, 2, 4, ... nodes, then bisect down to the smallest set that meets the budget."""
+                   first: tuple[Path, float] | None = None, shared_activations: bool = True) -> None:
+    """Build with no fallback; while over budget, re-rank the nodes of the current model by
+    the error they inject and keep the worst in float (one group per round for the first
+    rounds, then doubling), and finally bisect the last round down to the groups it needed.
+    Re-ranking each round matters: once the worst node is float, the next culprit shows."""
     counter = [0]
 
-    def attempt(k: int, ranked: list[str]) -> tuple[Path, float]:
+    def attempt(fallback: list[str]) -> tuple[Path, float]:
         counter[0] += 1
         out = workdir / f"{name}.{counter[0]}.onnx"
-        fb = ranked[:k]
-        build(user_exclude + fb, out)
-        m = evaluate(out, f"{name}" + (f" ({k} nodes float)" if k else ""))
-        variant.attempts.append(asdict(Attempt(k, round(m, 6), round(metric_fp32 - m, 6),
+        build(user_exclude + fallback, out)
+        label = f"{name}" + (f" ({len(fallback)} nodes float)" if fallback else "")
+        m = evaluate(out, label)
+        variant.attempts.append(asdict(Attempt(len(fallback), round(m, 6),
+                                               round(metric_fp32 - m, 6),
                                                _within(metric_fp32, m, max_drop))))
         return out, m
 
     if first is not None:       # already built and scored (the calibration-method probe)
-        p0, m0 = first
-        variant.attempts.append(asdict(Attempt(0, round(m0, 6), round(metric_fp32 - m0, 6),
-                                               _within(metric_fp32, m0, max_drop))))
+        path, m = first
+        variant.attempts.append(asdict(Attempt(0, round(m, 6), round(metric_fp32 - m, 6),
+                                               _within(metric_fp32, m, max_drop))))
     else:
-        p0, m0 = attempt(0, [])
-    best = (m0, p0, [])
-    if _within(metric_fp32, m0, max_drop):
-        _set(variant, p0, m0, metric_fp32, max_drop, [])
+        path, m = attempt([])
+    best = (m, path, [])
+    if _within(metric_fp32, m, max_drop):
+        _set(variant, path, m, metric_fp32, max_drop, [])
         return
-    prog.say(f"{name}: drop {100 * (metric_fp32 - m0):.2f} points is over the "
-             f"{100 * max_drop:.2f} budget; ranking nodes by the error they inject")
-    scores = graph.rank_sensitivity(pre, p0, sens_batches, workdir, candidates_of(p0))
-    ranked = [n for n, _ in scores if n not in user_exclude]
-    if not ranked:
-        _set(variant, p0, m0, metric_fp32, max_drop, [])
-        return
-    lo, hi, k = 0, None, 1
-    found: tuple[float, Path, list[str]] | None = None
-    while True:
-        k = min(k, len(ranked))
-        p, m = attempt(k, ranked)
+    prog.say(f"{name}: drop {100 * (metric_fp32 - m):.2f} points is over the "
+             f"{100 * max_drop:.2f} budget; keeping the most error-injecting nodes in float")
+    all_cands = candidates_of(path)
+    fallback: list[str] = []
+    step, rounds = 1, 0
+    while rounds < MAX_FALLBACK_ROUNDS:
+        rounds += 1
+        ranked = rank_sensitivity(pre, path, sens_batches, workdir, all_cands,
+                                  set(fallback) | set(user_exclude), shared_activations)
+        if not ranked:
+            break
+        before = list(fallback)
+        groups = [r.group for r in ranked[:step]]
+        added = _union(fallback, groups)
+        if all_cands is not None and set(added) >= all_cands:
+            break               # every quantized node in float: that is the fp32 model
+        path, m = attempt(added)
+        fallback = added
         if m > best[0]:
-            best = (m, p, ranked[:k])
+            best = (m, path, list(fallback))
         if _within(metric_fp32, m, max_drop):
-            hi, found = k, (m, p, ranked[:k])
-            break
-        lo = k
-        if k == len(ranked):
-            break
-        k *= 2
-    if found is not None:
-        while hi - lo > 1:      # smallest fallback set that still meets the budget
-            mid = (lo + hi) // 2
-            p, m = attempt(mid, ranked)
-            if _within(metric_fp32, m, max_drop):
-                hi, found = mid, (m, p, ranked[:mid])
-            else:
-                lo = mid
-        m, p, fb = found
-        _set(variant, p, m, metric_fp32, max_drop, fb)
-    else:
-        m, p, fb = best
-        _set(variant, p, m, metric_fp32, max_drop, fb)
+            # bisect the groups of this round: the fewest that still meet the budget
+            lo, hi = 0, len(groups)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                fb = _union(before, groups[:mid])
+                p2, m2 = attempt(fb)
+                if _within(metric_fp32, m2, max_drop):
+                    hi, path, m, fallback = mid, p2, m2, fb
+                else:
+                    lo = mid
+            _set(variant, path, m, metric_fp32, max_drop, fallback)
+            return
+        if rounds >= 3:
+            step *= 2
+    m, path, fb = best
+    _set(variant, path, m, metric_fp32, max_drop, fb)
+
+
+def _union(base: list[str], groups: list[list[str]]) -> list[str]:
+    out = list(base)
+    for g in groups:
+        out += [n for n in g if n not in out]
+    return out
 
 
 def _set(v: Variant, path: Path, metric: float, metric_fp32: float, max_drop: float,
@@ -622,4 +631,4 @@ def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
     fp16 = v.name == "fp16"
     _budget_search(v.name, build, evaluate, metric_fp32, max_drop, pre, sens_batches, work,
                    (lambda p: None) if fp16 else cands, user_exclude, prog, v,
-                   first)
+                   first, shared_activations=v.name == "static")
