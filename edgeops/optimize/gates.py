@@ -54,19 +54,28 @@ class Dataset:
     labels: np.ndarray | None
     source: str                  # file name, "random (generated)", ...
     batch: int = 1               # rows per inference (the model's fixed batch, else chosen)
+    fixed: bool = False          # the model only takes `batch` rows: a remainder is dropped
 
     @property
     def n(self) -> int:
         return int(next(iter(self.feeds.values())).shape[0])
 
-    def batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        n = self.n if limit is None else min(self.n, limit)
-        for i in range(0, n - self.batch + 1, self.batch):
+    @property
+    def n_used(self) -> int:
+        return self.n - self.n % self.batch if self.fixed else self.n
+
+    def batches(self, limit: int | None = None, full_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Rows in batches; the last may be short unless the model's batch is fixed or
+        `full_only` (onnxruntime's histogram calibrators need equal batches)."""
+        n = self.n_used if limit is None else min(self.n_used, limit)
+        for i in range(0, n, self.batch):
+            if (self.fixed or full_only) and i + self.batch > n:
+                break
             yield {k: v[i:i + self.batch] for k, v in self.feeds.items()}
 
     def n_batches(self, limit: int | None = None) -> int:
-        n = self.n if limit is None else min(self.n, limit)
-        return n // self.batch
+        n = self.n_used if limit is None else min(self.n_used, limit)
+        return n // self.batch if self.fixed else -(-n // self.batch)
 
     def first(self) -> dict[str, np.ndarray]:
         return next(self.batches())
@@ -105,7 +114,8 @@ def load_dataset(path: str | Path, signature: Signature, labels_key: str | None 
         if spec.shape and len(spec.shape) != arr.ndim:
             raise UsageError(f"{path}: {spec.name!r} has shape {list(arr.shape)}, the model "
                              f"expects rank {len(spec.shape)} {spec.shape} (samples on axis 0)")
-    return Dataset(feeds=feeds, labels=labels, source=Path(path).name, batch=batch)
+    return Dataset(feeds=feeds, labels=labels, source=Path(path).name, batch=batch,
+                   fixed=bool(fixed))
 
 
 def random_dataset(signature: Signature, n: int = 64, seed: int = 0) -> Dataset:
@@ -115,7 +125,8 @@ def random_dataset(signature: Signature, n: int = 64, seed: int = 0) -> Dataset:
     batch = fixed or 1
     parts = [make_inputs(signature, batch=batch, seed=seed + i) for i in range(max(1, n // batch))]
     feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return Dataset(feeds=feeds, labels=None, source="random (generated)", batch=batch)
+    return Dataset(feeds=feeds, labels=None, source="random (generated)", batch=batch,
+                   fixed=bool(fixed))
 
 
 # ----------------------------------------------------------------------------- metric

@@ -161,7 +161,7 @@ class _Reader:
     """onnxruntime CalibrationDataReader over a Dataset, ticking a progress bar."""
 
     def __init__(self, data: gates.Dataset, limit: int, tick: Callable[[], None]):
-        self._it = data.batches(limit)
+        self._it = data.batches(limit, full_only=True)
         self._tick = tick
 
     def get_next(self):
@@ -187,7 +187,7 @@ def build_static(pre: Path, out: Path, s: isa.QuantSettings, method: str, calib:
 
     reader = None
     if not cache.exists():
-        n = calib.n_batches(CALIB_LIMIT)
+        n = min(calib.n, CALIB_LIMIT) // calib.batch
         reader = _Reader(calib, CALIB_LIMIT, prog.task(f"calibrating ({method})", n))
     tmp = out.with_suffix(".main.onnx")
     try:
@@ -449,6 +449,10 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
     for w in warnings[-1:]:
         if w.startswith("no --eval"):
             prog.warn(w)
+    if data.n_used < data.n:
+        warnings.append(f"the model takes batches of {data.batch}: the last "
+                        f"{data.n - data.n_used} eval samples are not used")
+        prog.warn(warnings[-1])
 
     work = Path(tempfile.mkdtemp(prefix="edgeops-quant-"))
     try:
@@ -557,7 +561,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
 
         report = QuantizeReport(
             source=str(src), output=None, mode=mode, metric=metric_name, metric_fp32=metric_fp32,
-            max_drop=max_drop, eval_data=data.source, eval_samples=data.n, calibration=calib_label,
+            max_drop=max_drop, eval_data=data.source, eval_samples=data.n_used, calibration=calib_label,
             cpu={"arch": cpu.arch, "features": cpu.features, "source": cpu.source,
                  "model": cpu.model},
             settings=settings.to_dict(), preprocess=prep.notes, threads=threads,
