@@ -50,6 +50,12 @@ def digits():
     return train_test_split(X.astype(np.float32) / 16.0, y, test_size=0.25, random_state=0)
 
 
+def make_images(Xtr, Xte, yte) -> None:
+    """Calibration (training images) and evaluation (test images + labels) for optimize."""
+    np.savez(OUT / "digits_calib.npz", x=Xtr[:300].reshape(-1, 1, 8, 8))
+    np.savez(OUT / "digits_eval.npz", x=Xte.reshape(-1, 1, 8, 8), y=yte)
+
+
 def make_sklearn(Xtr, ytr, Xte) -> None:
     import joblib
     from sklearn.ensemble import RandomForestClassifier
@@ -106,9 +112,10 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for stale in OUT.glob("PWNED"):
         stale.unlink()
-    Xtr, Xte, ytr, _ = digits()
+    Xtr, Xte, ytr, yte = digits()
     print(f"== building models in {OUT}")
     make_sklearn(Xtr, ytr, Xte)
+    make_images(Xtr, Xte, yte)
     make_torch(Xtr, ytr)
     make_keras(Xtr, ytr)
     (OUT / "evil.pkl").write_bytes(pickle.dumps(_Payload()))
@@ -137,6 +144,15 @@ def main() -> None:
     print("\n== 5. a parity breach is a failure, not a warning")
     run("convert", "digits_rf.joblib", "-o", "strict.onnx", "--inputs", "digits_test.npz",
         "--atol", "0", "--rtol", "0", expect=1)
+
+    print("\n== 6. quantize inside a 1-point accuracy budget; faster only if it measures faster")
+    # auto tries static int8 (3 calibration methods), dynamic int8 and fp16, times each
+    # against fp32 interleaved, and keeps the fastest within budget. This CNN is tiny
+    # (8x8 input): expect the report to say honestly whether int8 pays off here.
+    run("optimize", "digits_cnn.onnx", "--quantize", "auto", "--calibration", "digits_calib.npz",
+        "--eval", "digits_eval.npz", "--labels", "y", "--max-drop", "1%",
+        "-o", "digits_cnn.opt.onnx")
+    run("inspect", "digits_cnn.opt.onnx")
 
     print("\n== the conversion matrix on this machine")
     run("formats")

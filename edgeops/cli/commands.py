@@ -209,10 +209,26 @@ def inspect(path, shapes, trust_pickle, as_json):
     elif info.get("signature_error"):
         out.print(f"  signature: [yellow]{_esc(info['signature_error'])}[/]")
     if info.get("lineage"):
-        lin = info["lineage"]
-        route = " -> ".join(lin.get("route", [])) if isinstance(lin, dict) else ""
-        out.print(f"  lineage  {_esc(lin.get('step', '?') if isinstance(lin, dict) else lin)} "
-                  f"{_esc(route)} (parity {_esc(lin.get('status', '?') if isinstance(lin, dict) else '?')})")
+        for i, line in enumerate(_lineage_lines(info["lineage"])):
+            out.print(f"  {'lineage' if i == 0 else '':<8} {_esc(line)}")
+
+
+def _lineage_lines(lin, depth: int = 0) -> list[str]:
+    """One line per lineage step, newest first, following the parent chain."""
+    if not isinstance(lin, dict) or depth > 20:
+        return [str(lin)]
+    step = lin.get("step", "?")
+    src = lin.get("source", {}).get("name", "?") if isinstance(lin.get("source"), dict) else "?"
+    if step.startswith("optimize.") and isinstance(lin.get("quantize"), dict):
+        q = lin["quantize"]
+        line = (f"{step} of {src}: {q.get('variant')} ({q.get('metric')} "
+                f"{q.get('metric_fp32', 0):.4f} -> {q.get('metric_quantized', 0):.4f}, "
+                f"{q.get('speedup', 0):.2f}x, {'passed' if q.get('passed') else 'FAILED'})")
+    else:
+        route = " -> ".join(lin.get("route", []))
+        line = f"{step} of {src}: {route} (parity {lin.get('status', '?')})"
+    parent = lin.get("parent")
+    return [line] + (_lineage_lines(parent, depth + 1) if parent else [])
 
 
 # ----------------------------------------------------------------------------- formats

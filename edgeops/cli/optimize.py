@@ -133,7 +133,7 @@ def _render(r) -> None:
               _pct(r.metric_fp32), "", "", "", "baseline")
     for v in r.variants:
         if v.error:
-            t.add_row(v.name, "", "", "", "", "", "", "", "[red]failed[/]", _esc(v.error))
+            t.add_row(v.name, "", "", "", "", "", "", "", "[red]failed[/]", "(below)")
             continue
         budget = "[green]ok[/]" if v.within_budget else "[red]OVER[/]"
         speed = {"faster": "[green]faster[/]", "not faster": "[yellow]NOT FASTER[/]",
@@ -143,6 +143,9 @@ def _render(r) -> None:
                   f"{v.p50_ms:.3f}", f"{v.speedup:.2f}x", _pct(v.metric), _pct(v.drop),
                   str(len(v.fallback_nodes)), budget, speed)
     out.print(t)
+    for v in r.variants:
+        if v.error:
+            out.print(f"[red]{v.name} failed[/]: {_esc(v.error)}")
     ch = r.variant(r.chosen)
     out.print(f"budget: max drop {_pct(r.max_drop)} of {r.metric}; calibration: "
               f"{_esc(r.calibration or 'none')}")

@@ -230,3 +230,9 @@ def _external_files(path: Path) -> dict[str, int]:
             if f is not None and f.is_file():
                 out[loc] = f.stat().st_size
     return out
+
+
+def total_size(path: str | Path) -> int:
+    """Bytes on disk: the .onnx file plus the external-data files it references."""
+    path = Path(path)
+    return path.stat().st_size + sum(_external_files(path).values())

@@ -123,6 +123,37 @@ def prepare(src: Path, workdir: Path) -> Prepared:
     raise ConversionError(f"onnxruntime pre-processing failed: {first_line(last)}")
 
 
+def fix_fp16_casts(model) -> int:
+    """onnxconverter-common retypes a `Cast(to=float)` output as float16 in value_info but
+    leaves the attribute, and onnxruntime then refuses the model ("Type (tensor(float16)) of
+    output arg ... does not match"). Make such Casts cast to float16. Returns the count."""
+    from onnx import TensorProto
+
+    fixed = 0
+    for g, _ in all_graphs(model.graph):
+        vi = {v.name: v for v in list(g.value_info) + list(g.output)}
+        for n in g.node:
+            if n.op_type != "Cast":
+                continue
+            v = vi.get(n.output[0])
+            if v is None or v.type.tensor_type.elem_type != TensorProto.FLOAT16:
+                continue
+            for a in n.attribute:
+                if a.name == "to" and a.i == TensorProto.FLOAT:
+                    a.i = TensorProto.FLOAT16
+                    fixed += 1
+    return fixed
+
+
+def drop_unused_opsets(model) -> None:
+    """onnxruntime's optimizer declares every domain it knows (training, preview, nchwc...);
+    keep the default domain and the ones a node actually uses, so other tools accept it."""
+    used = {n.domain for g, _ in all_graphs(model.graph) for n in g.node}
+    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
 # ----------------------------------------------------------------------------- weights
 
 @dataclass

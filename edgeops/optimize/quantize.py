@@ -241,6 +241,7 @@ def build_fp16(pre: Path, out: Path, keep_io_types: bool, exclude: list[str]) ->
         m16 = float16.convert_float_to_float16(model, keep_io_types=keep_io_types,
                                                node_block_list=list(exclude) or None,
                                                disable_shape_infer=False)
+    graph.fix_fp16_casts(m16)
     onnx.save(m16, str(out))
     return out
 
@@ -565,7 +566,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
             cpu={"arch": cpu.arch, "features": cpu.features, "source": cpu.source,
                  "model": cpu.model},
             settings=settings.to_dict(), preprocess=prep.notes, threads=threads,
-            fp32={"size": src.stat().st_size, "p50_ms": fp32_t.p50_ms, "p90_ms": fp32_t.p90_ms,
+            fp32={"size": onnx_fmt.total_size(src), "p50_ms": fp32_t.p50_ms, "p90_ms": fp32_t.p90_ms,
                   "runs": fp32_t.runs, "metric": metric_fp32, "weights": src_stats.to_dict()},
             variants=variants, chosen=chosen.name, passed=failure is None, failure=failure,
             warnings=warnings)
@@ -573,7 +574,9 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         # ---- write
         final = dst if failure is None else dst.with_name(dst.stem + ".rejected.onnx")
         final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(chosen.path, final)
+        out_model = onnx.load(chosen.path)
+        graph.drop_unused_opsets(out_model)
+        onnx.save(out_model, str(final))
         for v in variants:
             v.path = None       # temp paths mean nothing after this call
         parent = lineage.read_onnx_lineage(src)
