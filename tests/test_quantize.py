@@ -278,3 +278,26 @@ def test_parse_drop():
     for bad in ("5", "abc", "-1%", "150%"):
         with pytest.raises(UsageError):
             gates.parse_drop(bad)
+
+
+def test_outputs_that_do_not_stack_are_scored(work):
+    """A scalar side output (real models have them: losses, counts) must not break the
+    evaluation; cosine is taken per batch for it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+         helper.make_node("ReduceSum", ["y"], ["total"], name="sum", keepdims=0)],
+        "scalar_out", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("total", TensorProto.FLOAT, [])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = work / "scalar_out.onnx"
+    onnx.save(m, str(src))
+    np.savez(work / "scalar_data.npz", x=rng.standard_normal((40, 16)).astype(np.float32))
+    r = quantize(src, work / "scalar_out.q.onnx", "dynamic", eval_data=work / "scalar_data.npz",
+                 metric="cosine", max_drop=0.01, **FAST)
+    assert r.passed and r.metric == "cosine" and 0.99 < r.variant("dynamic").metric <= 1.0

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import cli
-from .commands import _err, _esc, _human_size, _json_print, _out, json_option
+from .commands import _err, _esc, _human_size, _json_print, _out, json_option, shape_option
 from ..errors import EXIT_OK, EXIT_VERIFY, UsageError
 
 
@@ -80,9 +80,10 @@ class _RichProgress:
 @click.option("--exclude", metavar="NODES", help="Comma-separated node names to keep in float.")
 @click.option("--fp32-io/--fp16-io", "keep_io_types", default=True, show_default=True,
               help="fp16: keep fp32 inputs and outputs.")
+@shape_option
 @json_option
 def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, calib_method,
-             target, threads, require_speedup, op_types, exclude, keep_io_types, as_json):
+             target, threads, require_speedup, op_types, exclude, keep_io_types, shapes, as_json):
     """Quantize SRC (ONNX) inside an accuracy budget, and call it faster only if it is.
 
     Over budget, the nodes that inject the most error are kept in float until the budget
@@ -91,6 +92,7 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
     """
     from ..optimize.quantize import quantize
     from ..optimize.gates import parse_drop
+    from ..verify import parse_shapes
 
     if mode is None:
         raise UsageError("choose an optimization: --quantize {dynamic,static,fp16,auto}")
@@ -100,7 +102,7 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
         metric=metric, max_drop=parse_drop(max_drop), calib_method=calib_method, target=target,
         threads=threads, require_speedup=require_speedup,
         op_types=_csv(op_types), exclude=_csv(exclude), keep_io_types=keep_io_types,
-        progress=prog)
+        shapes=parse_shapes(shapes), progress=prog)
     if as_json:
         _json_print(report.to_dict())
     else:

@@ -118,18 +118,29 @@ def load_dataset(path: str | Path, signature: Signature, labels_key: str | None 
                    fixed=bool(fixed))
 
 
-def random_dataset(signature: Signature, n: int = 64, seed: int = 0) -> Dataset:
+def random_dataset(signature: Signature, n: int = 64, seed: int = 0,
+                   shapes: dict[str, tuple[int, ...]] | None = None) -> Dataset:
+    """Seeded inputs from the signature (dynamic dims from `shapes`, else verify's default)."""
     from ..verify import make_inputs
 
     fixed = fixed_batch(signature)
     batch = fixed or 1
-    parts = [make_inputs(signature, batch=batch, seed=seed + i) for i in range(max(1, n // batch))]
+    parts = [make_inputs(signature, shapes=shapes, batch=batch, seed=seed + i)
+             for i in range(max(1, n // batch))]
     feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return Dataset(feeds=feeds, labels=None, source="random (generated)", batch=batch,
                    fixed=bool(fixed))
 
 
 # ----------------------------------------------------------------------------- metric
+
+@dataclass
+class Outputs:
+    """A model's outputs over a dataset, kept per batch: real models have outputs that do
+    not stack (scalars, sequence-major tensors, a varying number of detections)."""
+    batches: list[list[np.ndarray]]
+    rows: list[int]
+
 
 def _primary(outs: list[np.ndarray]) -> int:
     for i, o in enumerate(outs):
@@ -138,7 +149,7 @@ def _primary(outs: list[np.ndarray]) -> int:
     return 0
 
 
-def pick_metric(requested: str, data: Dataset, ref_outputs: list[np.ndarray]) -> str:
+def pick_metric(requested: str, data: Dataset, ref: Outputs) -> str:
     if requested not in METRICS:
         raise UsageError(f"--metric {requested}: choose from {', '.join(METRICS)}")
     if requested == "accuracy" and data.labels is None:
@@ -147,50 +158,79 @@ def pick_metric(requested: str, data: Dataset, ref_outputs: list[np.ndarray]) ->
         return requested
     if data.labels is not None:
         return "accuracy"
-    p = ref_outputs[_primary(ref_outputs)]
+    first = ref.batches[0]
+    p = first[_primary(first)]
     if np.issubdtype(p.dtype, np.floating) and p.ndim == 2 and p.shape[1] > 1:
         return "agreement"
     return "cosine"
 
 
-def _pred(o: np.ndarray) -> np.ndarray:
+def _pred(o: np.ndarray, rows: int) -> np.ndarray | None:
+    """Top-1 class per row (argmax over the last axis), or the values themselves for
+    integer outputs; None when the output is not row-major."""
+    if o.ndim == 0 or o.shape[0] != rows:
+        return None
     if np.issubdtype(o.dtype, np.floating) and o.ndim >= 2 and o.shape[-1] > 1:
-        return o.reshape(o.shape[0], -1, o.shape[-1]).argmax(-1).reshape(o.shape[0], -1)
-    return o.reshape(o.shape[0], -1)
+        return o.reshape(rows, -1, o.shape[-1]).argmax(-1).reshape(rows, -1)
+    return o.reshape(rows, -1)
 
 
 def collect_outputs(run: Callable[[dict], list[np.ndarray]], data: Dataset,
-                    tick: Callable[[], None] | None = None) -> list[np.ndarray]:
-    parts: list[list[np.ndarray]] = []
+                    tick: Callable[[], None] | None = None) -> Outputs:
+    out = Outputs([], [])
     for feeds in data.batches():
-        parts.append([np.asarray(o) for o in run(feeds)])
+        out.batches.append([np.asarray(o) for o in run(feeds)])
+        out.rows.append(int(next(iter(feeds.values())).shape[0]))
         if tick:
             tick()
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+    return out
 
 
-def score(metric: str, outs: list[np.ndarray], ref: list[np.ndarray], labels: np.ndarray | None) -> float:
-    """Metric of `outs` (a candidate's outputs over the dataset); `ref` are fp32 outputs."""
-    i = _primary(ref)
-    if metric == "accuracy":
-        pred = _pred(outs[i])
-        lab = labels[: pred.shape[0]].reshape(pred.shape[0], -1)
-        if lab.shape != pred.shape:
-            raise UsageError(f"labels shape {list(labels.shape)} does not match predictions "
-                             f"{list(pred.shape)} of output {i}")
-        return float(np.mean(np.all(pred == lab, axis=1)))
-    if metric == "agreement":
-        return float(np.mean(np.all(_pred(outs[i]) == _pred(ref[i]), axis=1)))
-    # cosine: mean per-sample cosine, worst float output
+def _cosines(a: np.ndarray, b: np.ndarray, rows: int) -> np.ndarray:
+    """Per-row cosine when both are row-major, else one cosine for the whole batch."""
+    if a.shape != b.shape:
+        return np.zeros(rows)                   # e.g. a different number of detections
+    per_row = a.ndim >= 1 and a.shape[0] == rows
+    a2 = a.reshape(rows if per_row else 1, -1).astype(np.float64)
+    b2 = b.reshape(rows if per_row else 1, -1).astype(np.float64)
+    num = np.sum(a2 * b2, axis=1)
+    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-300),
+                   np.where(np.all(a2 == b2, axis=1), 1.0, 0.0))
+    return cos if per_row else np.repeat(cos, rows)
+
+
+def score(metric: str, outs: Outputs, ref: Outputs, labels: np.ndarray | None) -> float:
+    """Metric of a candidate's outputs over the dataset; `ref` are the fp32 outputs."""
+    i = _primary(ref.batches[0])
+    if metric in ("accuracy", "agreement"):
+        hits, start = [], 0
+        for ob, rb, rows in zip(outs.batches, ref.batches, outs.rows):
+            pred = _pred(ob[i], rows)
+            if metric == "accuracy":
+                if pred is None:
+                    raise UsageError(f"output {i} is not one row per sample "
+                                     f"(shape {list(ob[i].shape)}); accuracy needs that")
+                lab = np.asarray(labels[start:start + rows]).reshape(rows, -1)
+                if lab.shape != pred.shape:
+                    raise UsageError(f"labels of shape {list(labels.shape)} do not match "
+                                     f"predictions {list(pred.shape)} of output {i}")
+                hits.append(np.all(pred == lab, axis=1))
+            else:
+                want = _pred(rb[i], rows)
+                if pred is None or want is None or pred.shape != want.shape:
+                    hits.append(np.repeat(np.array_equal(ob[i], rb[i]), rows))
+                else:
+                    hits.append(np.all(pred == want, axis=1))
+            start += rows
+        return float(np.mean(np.concatenate(hits)))
+    # cosine: mean per-sample cosine of the worst float output
     worst = 1.0
-    for o, r in zip(outs, ref):
-        if not np.issubdtype(r.dtype, np.floating):
+    for k, r0 in enumerate(ref.batches[0]):
+        if not np.issubdtype(r0.dtype, np.floating):
             continue
-        a = o.reshape(o.shape[0], -1).astype(np.float64)
-        b = r.reshape(r.shape[0], -1).astype(np.float64)
-        num = np.sum(a * b, axis=1)
-        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        cos = np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.all(a == b, axis=1), 1.0, 0.0))
+        cos = np.concatenate([_cosines(ob[k], rb[k], rows)
+                              for ob, rb, rows in zip(outs.batches, ref.batches, outs.rows)])
         worst = min(worst, float(np.mean(cos)))
     return worst
 
@@ -249,7 +289,11 @@ def measure_interleaved(models: dict[str, str | Path], feeds: dict[str, np.ndarr
     times: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     r = 0
-    while r < max_runs and (r < min_runs or time.perf_counter() - start < seconds):
+    while r < max_runs:
+        took = time.perf_counter() - start
+        # at least `seconds` and `min_runs`; a slow model stops at 10 runs or 10x `seconds`
+        if r >= 10 and took >= seconds and (r >= min_runs or took >= 10 * seconds):
+            break
         k = r % len(names)
         for n in names[k:] + names[:k]:
             t0 = time.perf_counter()

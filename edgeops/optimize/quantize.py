@@ -34,7 +34,8 @@ from .graph import rank_sensitivity
 MODES = ("static", "dynamic", "fp16", "auto")
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 CALIB_LIMIT = 512          # calibration samples used at most
-SENS_LIMIT = 64            # samples used to rank node sensitivity
+SENS_LIMIT = 16            # samples used to rank node sensitivity (every tensor is kept)
+SENS_BATCH = 4
 REPORT_SUFFIX = ".edgeops.json"
 
 
@@ -390,7 +391,8 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
              calib_method: str = "auto", target: str | Path | None = None, threads: int = 1,
              require_speedup: bool = False, op_types: list[str] | None = None,
              exclude: list[str] | None = None, keep_io_types: bool = True,
-             measure_seconds: float = 3.0, progress: Progress | None = None) -> QuantizeReport:
+             shapes: dict[str, tuple[int, ...]] | None = None, measure_seconds: float = 3.0,
+             progress: Progress | None = None) -> QuantizeReport:
     from .. import lineage
     from ..formats import onnx as onnx_fmt
     from ..formats.base import sha256_path
@@ -424,7 +426,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
     calib = None
     calib_label = None
     if calibration is not None and str(calibration) == "random":
-        calib = gates.random_dataset(sig, n=64)
+        calib = gates.random_dataset(sig, n=64, shapes=shapes)
         calib_label = "random (generated)"
         warnings.append("calibrating on RANDOM inputs: activation ranges will not match real "
                         "data, and int8 accuracy on real inputs is unknown")
@@ -444,7 +446,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         data = calib
         warnings.append("no --eval data: evaluating on the calibration data (optimistic)")
     else:
-        data = gates.random_dataset(sig, n=64, seed=1)
+        data = gates.random_dataset(sig, n=64, seed=1, shapes=shapes)
         warnings.append("no --eval data: accuracy measured as agreement with fp32 on RANDOM "
                         "inputs; real-data accuracy is unknown")
     for w in warnings[-1:]:
@@ -477,7 +479,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         metric_fp32 = gates.score(metric_name, ref, ref, data.labels)
         evaluate = _Evaluator(data, metric_name, ref, threads, prog)
         sens_src = calib if calib is not None else data
-        sens_batches = list(sens_src.batches(SENS_LIMIT))
+        sens_batches = _small_batches(sens_src, SENS_LIMIT)
         user_exclude = list(exclude or [])
 
         import onnx
@@ -604,6 +606,15 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _small_batches(data: gates.Dataset, limit: int) -> list[dict]:
+    """Sensitivity ranking keeps every intermediate tensor: small batches bound memory."""
+    if data.fixed:
+        return list(data.batches(max(limit, data.batch)))
+    rows = min(SENS_BATCH, data.batch)
+    n = min(data.n, limit)
+    return [{k: v[i:i + rows] for k, v in data.feeds.items()} for i in range(0, n, rows)]
 
 
 def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
