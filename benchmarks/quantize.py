@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeops.optimize import gates
+from edgeops.samples import train_classifier
 from edgeops.optimize.quantize import quantize
 
 BUDGET = 0.005
@@ -45,26 +46,8 @@ def digits():
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-def _train(model, x, y, epochs: int, lr: float, seed: int = 0):
-    import torch
-    import torch.nn as nn
-
-    torch.manual_seed(seed)
-    xt, yt = torch.tensor(x[:1400]), torch.tensor(y[:1400])
-    opt = torch.optim.Adam(model.parameters(), lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * 22)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(1400, generator=g)
-        for i in range(0, 1400, 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    return model
+def _train(model, x, y, epochs: int, lr: float):
+    return train_classifier(model, x[:1400], y[:1400], epochs, lr, cosine=True)
 
 
 def build_cnn(d: Path):

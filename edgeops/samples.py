@@ -71,6 +71,32 @@ def sklearn_models(d: Path) -> list[Sample]:
 
 # ----------------------------------------------------------------------------- torch
 
+def train_classifier(model, x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
+                     batch: int = 64, seed: int = 0, cosine: bool = False):
+    """Seeded Adam + cross-entropy minibatch training of a torch classifier on numpy data
+    (tests and benchmarks train their small real models with it). Returns it in eval mode."""
+    torch = require("torch")
+    nn = torch.nn
+    torch.manual_seed(seed)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    n = len(xt)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    steps = epochs * -(-n // batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+    return model.eval()
+
+
 def _torch_cnn():
     torch = require("torch")
     nn = torch.nn

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeops.samples import train_classifier
+
 
 @lru_cache(maxsize=None)
 def digits():
@@ -126,23 +128,13 @@ def cnn(path: Path, epochs: int = 3) -> Path:
     torch.manual_seed(0)
     x, y = digits()
     xi = torch.tensor(np.kron(x.reshape(-1, 8, 8), np.ones((4, 4), np.float32))[:, None])
-    yt = torch.tensor(y)
 
     def block(i, o, s):
         return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
 
     m = nn.Sequential(*block(1, 16, 1), *block(16, 32, 2), *block(32, 64, 2), *block(64, 64, 1),
                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(m.parameters(), 3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(1400, generator=g)
-        for i in range(0, 1400, 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(xi[idx]), yt[idx]).backward()
-            opt.step()
-    m.eval()
+    train_classifier(m, xi[:1400].numpy(), y[:1400], epochs, 3e-3)
     torch.onnx.export(m, xi[:1], str(path), input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}}, opset_version=17,
                       dynamo=False)
