@@ -261,6 +261,7 @@ def test_target_profile_drives_settings(mlp_data, work):
                  target=prof, max_drop=0.05, **FAST)
     assert r.cpu["arch"] == "arm64" and "asimddp" in r.cpu["features"]
     assert "Conv" in r.settings["dynamic_op_types"]
+    assert any("THIS machine" in w for w in r.warnings)
     with pytest.raises(UsageError, match="not found"):
         isa.from_target(work / "missing.toml")
 

@@ -417,6 +417,10 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
 
     cpu = isa.from_target(target) if target else isa.detect()
     settings = isa.choose(cpu)
+    if target:
+        warnings.append(f"settings chosen for {cpu.source}, but latency and the speed verdict "
+                        "are measured on THIS machine, not on the target")
+        prog.warn(warnings[-1])
     if op_types:
         settings.dynamic_op_types = list(op_types)
         settings.reasons.append(f"dynamic op types set by the user: {', '.join(op_types)}")
