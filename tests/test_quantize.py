@@ -221,6 +221,8 @@ def test_coreml_and_other_formats_refused(work):
     (["--quantize", "static", "--calibration", "nope.npz"], "no such inputs"),
     (["--quantize", "dynamic", "--max-drop", "5"], "ambiguous"),
     (["--quantize", "dynamic", "--labels", "y"], "--eval"),
+    (["--quantize", "dynamic", "--exclude", "nope"], "no node named 'nope'"),
+    (["--quantize", "dynamic", "--op-types", "LSTM"], "none of these ops"),
     ([], "--quantize"),
 ])
 def test_bad_options_one_line_exit_2(work, args, needle):

@@ -154,7 +154,9 @@ def _render(r) -> None:
     out.print(f"cpu: {r.cpu['arch']} {' '.join(r.cpu['features'])} ({_esc(r.cpu['source'])})")
     for why in r.settings["reasons"]:
         out.print(f"  - {_esc(why)}")
-    out.print(f"chosen: {ch.name} {_esc(ch.settings)}")
+    shown = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                      for k, v in ch.settings.items() if not isinstance(v, dict))
+    out.print(f"chosen: {ch.name} ({_esc(shown)})")
     if ch.fallback_nodes:
         out.print(f"kept in float ({len(ch.fallback_nodes)}): {_esc(', '.join(ch.fallback_nodes))}")
     w = ch.weights or {}

@@ -385,6 +385,20 @@ def _check_source(src: Path):
     return model, stats
 
 
+def _check_names(model, exclude: list[str] | None, op_types: list[str] | None) -> None:
+    """--exclude names nodes and --op-types names ops: a typo would silently do nothing."""
+    nodes = {n.name for g, _ in graph.all_graphs(model.graph) for n in g.node}
+    ops = {n.op_type for g, _ in graph.all_graphs(model.graph) for n in g.node}
+    missing = [n for n in exclude or [] if n not in nodes]
+    if missing:
+        raise UsageError(f"--exclude: no node named {', '.join(map(repr, missing))} in the model",
+                         hint="node names are listed by onnx tools (e.g. Netron); unnamed "
+                              "nodes cannot be excluded")
+    if op_types and not set(op_types) & ops:
+        raise UsageError(f"--op-types {','.join(op_types)}: the model has none of these ops "
+                         f"(it has {', '.join(sorted(ops))})")
+
+
 def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
              calibration: str | Path | None = None, eval_data: str | Path | None = None,
              labels: str | None = None, metric: str = "auto", max_drop: float = 0.01,
@@ -413,6 +427,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         raise UsageError("-o must differ from the source model; the source is never overwritten")
     model, src_stats = _check_source(src)
     sig = onnx_fmt.signature_of(model)
+    _check_names(model, exclude, op_types)
     warnings: list[str] = []
 
     cpu = isa.from_target(target) if target else isa.detect()
