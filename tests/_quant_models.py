@@ -54,7 +54,10 @@ def _mlp_weights():
     return w1, b1, w2, b2, w3, b3
 
 
-def mlp(path: Path, plant: bool = False, constant: bool = False, subgraph: bool = False) -> Path:
+def mlp(path: Path, plant: bool = False, constant: bool = False, subgraph: bool = False,
+        outer: bool = False) -> Path:
+    """outer: the If's then-branch reads its weight from the main graph (outer scope), as
+    exported Loop/If bodies often do."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -82,12 +85,16 @@ def mlp(path: Path, plant: bool = False, constant: bool = False, subgraph: bool 
               helper.make_node("Relu", ["g1"], ["h"], name="relu2")]
     if subgraph:
         def branch(tag: str):
+            inner = [numpy_helper.from_array(b3, f"b3_{tag}")]
+            if outer and tag == "then":
+                inits.append(numpy_helper.from_array(w3, "w3_then"))
+            else:
+                inner.append(numpy_helper.from_array(w3, f"w3_{tag}"))
             return helper.make_graph(
                 [helper.make_node("MatMul", ["h", f"w3_{tag}"], [f"o_{tag}"], name=f"fc3_{tag}"),
                  helper.make_node("Add", [f"o_{tag}", f"b3_{tag}"], [f"z_{tag}"], name=f"fc3_bias_{tag}")],
                 f"branch_{tag}", [],
-                [helper.make_tensor_value_info(f"z_{tag}", TensorProto.FLOAT, ["N", 10])],
-                [numpy_helper.from_array(w3, f"w3_{tag}"), numpy_helper.from_array(b3, f"b3_{tag}")])
+                [helper.make_tensor_value_info(f"z_{tag}", TensorProto.FLOAT, ["N", 10])], inner)
         inits.append(numpy_helper.from_array(np.array(-1.0, np.float32), "minus_one"))
         nodes += [helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
                   helper.make_node("Greater", ["s", "minus_one"], ["cond"], name="cond"),

@@ -119,7 +119,7 @@ def test_budget_that_cannot_be_met_exits_1_with_best_result(mlp_data, work):
 @pytest.mark.slow
 def test_constant_and_subgraph_weights_are_quantized(mlp_data, work):
     calib, ev = mlp_data
-    src = qm.mlp(work / "sub.onnx", constant=True, subgraph=True)
+    src = qm.mlp(work / "sub.onnx", constant=True, subgraph=True, outer=True)
     src_stats = graph.weight_stats(onnx.load(str(src)))
     assert src_stats.subgraph_params > 0
     for mode in ("static", "dynamic", "fp16"):

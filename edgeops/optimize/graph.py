@@ -363,51 +363,60 @@ def quantized_nodes(float_model, quant_model) -> set[str]:
     return out
 
 
-def weight_only_int8(model, subgraphs_only: bool = True) -> int:
-    """Store float MatMul/Gemm/Conv weights as int8 + DequantizeLinear (symmetric,
-    per output channel). For weights no int8 kernel reaches (inside If/Loop bodies, which
-    the QDQ quantizer skips): the file shrinks, the math stays float. Returns the count."""
+def weight_only_int8(model) -> int:
+    """Store float MatMul/Gemm/Conv weights that live in, or are only used inside, If/Loop
+    bodies as int8 + DequantizeLinear (symmetric, per output channel). The QDQ quantizer
+    does not enter those bodies: this shrinks the file, the math stays float. Weights with
+    a consumer in the main graph are left to the quantizer (and to the fallback list).
+    Returns how many tensors were converted."""
     from onnx import TensorProto, helper, numpy_helper
 
+    consumers: dict[str, list[tuple]] = {}
+    for g, depth in all_graphs(model.graph):
+        for n in g.node:
+            for k, i in enumerate(n.input):
+                if i:
+                    consumers.setdefault(i, []).append((n, depth, k))
     done = 0
     for g, depth in all_graphs(model.graph):
-        if subgraphs_only and depth == 0:
-            continue
-        inits = {t.name: t for t in g.initializer}
-        users: dict[str, int] = {}
-        for n in g.node:
-            for i in n.input:
-                users[i] = users.get(i, 0) + 1
-        new_nodes = []
-        for n in g.node:
-            w = n.input[1] if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 else None
-            t = inits.get(w) if w else None
-            if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) < 2 or users[w] != 1:
-                new_nodes.append(n)
+        dq_nodes = []
+        for t in list(g.initializer):
+            uses = consumers.get(t.name, [])
+            if (t.data_type != TensorProto.FLOAT or len(t.dims) < 2 or not uses
+                    or (depth == 0 and any(d == 0 for _, d, _ in uses))
+                    or not all(n.op_type in ("MatMul", "Gemm", "Conv") and k == 1 for n, _, k in uses)):
                 continue
             arr = numpy_helper.to_array(t)
-            if n.op_type == "Conv":
-                axis = 0
-            elif n.op_type == "Gemm":
-                axis = 0 if any(a.name == "transB" and a.i for a in n.attribute) else 1
-            else:
-                axis = arr.ndim - 1
+            axes = {_weight_axis(n, arr) for n, _, _ in uses}
+            if len(axes) != 1:
+                continue
+            axis = axes.pop()
             red = tuple(i for i in range(arr.ndim) if i != axis)
             scale = (np.abs(arr).max(axis=red) / 127.0).astype(np.float32)
             scale[scale == 0] = 1.0
             shape = [1] * arr.ndim
             shape[axis] = -1
             q = np.clip(np.round(arr / scale.reshape(shape)), -127, 127).astype(np.int8)
+            w = t.name
             g.initializer.remove(t)
             g.initializer.extend([numpy_helper.from_array(q, f"{w}_int8"),
                                   numpy_helper.from_array(scale, f"{w}_int8_scale"),
                                   numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{w}_int8_zp")])
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}_int8", f"{w}_int8_scale",
-                                                                  f"{w}_int8_zp"], [w],
-                                              name=f"{w}_weight_dq", axis=axis))
-            new_nodes.append(n)
+            dq_nodes.append(helper.make_node(
+                "DequantizeLinear", [f"{w}_int8", f"{w}_int8_scale", f"{w}_int8_zp"], [w],
+                name=f"{w}_weight_dq", axis=axis))
             done += 1
-        if done:
+        if dq_nodes:            # inputs are initializers only: first in the graph is in order
+            rest = list(g.node)
             del g.node[:]
-            g.node.extend(new_nodes)
+            g.node.extend(dq_nodes + rest)
     return done
+
+
+def _weight_axis(node, arr: np.ndarray) -> int:
+    """The output-channel axis of a weight for its consumer."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return arr.ndim - 1

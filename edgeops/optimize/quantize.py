@@ -206,7 +206,7 @@ def build_static(pre: Path, out: Path, s: isa.QuantSettings, method: str, calib:
     if any(depth for _, depth in graph.all_graphs(main.graph)):
         # the QDQ quantizer does not enter If/Loop bodies; their float MatMul/Gemm/Conv
         # weights are stored int8 with a DequantizeLinear (weight-only: smaller, float math)
-        graph.weight_only_int8(main, subgraphs_only=True)
+        graph.weight_only_int8(main)
         onnx.save(main, str(out))
         tmp.unlink()
     else:
