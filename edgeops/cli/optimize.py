@@ -80,23 +80,66 @@ class _RichProgress:
 @click.option("--exclude", metavar="NODES", help="Comma-separated node names to keep in float.")
 @click.option("--fp32-io/--fp16-io", "keep_io_types", default=True, show_default=True,
               help="fp16: keep fp32 inputs and outputs.")
+@click.option("--prune", "ratio", type=float, metavar="RATIO",
+              help="Prune this fraction of channels/neurons (structured) or weights (unstructured).")
+@click.option("--structured/--unstructured", default=True, show_default=True,
+              help="Structured removes whole channels (faster); unstructured only zeroes weights.")
+@click.option("--importance", type=click.Choice(["l1", "l2"]), default="l1", show_default=True,
+              help="Channel importance: L1 or L2 norm of the weights.")
+@click.option("--keep", multiple=True, metavar="NAME",
+              help="Never prune this layer (ONNX node name of a Conv/Gemm/MatMul; repeatable).")
+@click.option("--distill", is_flag=True,
+              help="Train the student on the teacher's (SRC's) outputs over --data.")
+@click.option("--data", "distill_data", type=click.Path(path_type=Path), metavar="DATA",
+              help="Distillation inputs (unlabeled; .npz keyed by input name or a folder of .npy).")
+@click.option("--student", default="pruned", show_default=True, metavar="SPEC",
+              help="pruned (needs --prune), width:X (a copy keeping X of the channels), or a "
+                   "TorchScript FILE.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @shape_option
 @json_option
 def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, calib_method,
-             target, threads, require_speedup, op_types, exclude, keep_io_types, shapes, as_json):
-    """Quantize SRC (ONNX) inside an accuracy budget, and call it faster only if it is.
+             target, threads, require_speedup, op_types, exclude, keep_io_types, ratio,
+             structured, importance, keep, distill, distill_data, student, epochs, lr,
+             temperature, batch_size, seed, shapes, as_json):
+    """Quantize, prune or distill SRC, each result checked and measured.
 
-    Over budget, the nodes that inject the most error are kept in float until the budget
-    holds; the report lists them. Exit 1 when the budget cannot be met or --require-speedup
-    finds no speedup; the best attempt is then written to OUT.rejected.onnx.
+    --quantize: int8/fp16 inside an accuracy budget (--max-drop); over budget, the nodes
+    that inject the most error stay float. Exit 1 when the budget cannot be met or
+    --require-speedup finds no speedup (the best attempt goes to OUT.rejected.onnx).
+
+    --prune / --distill: structured pruning (channels really removed, dependencies kept
+    consistent) and distillation from SRC as teacher; `--prune 0.5 --distill --data D`
+    runs both. The result can then go through --quantize.
     """
     from ..optimize.quantize import quantize
     from ..optimize.gates import parse_drop
     from ..verify import parse_shapes
 
-    if mode is None:
-        raise UsageError("choose an optimization: --quantize {dynamic,static,fp16,auto}")
+    if mode is not None and (ratio is not None or distill):
+        raise UsageError("--quantize and --prune/--distill are separate steps: prune or "
+                         "distill first, then quantize the result")
+    if mode is None and ratio is None and not distill:
+        raise UsageError("choose an optimization: --quantize {dynamic,static,fp16,auto}, "
+                         "--prune RATIO, or --distill")
     prog = _RichProgress(quiet=as_json)
+    if mode is None:
+        from ..optimize.prune import run
+
+        rep = run(src, dst, ratio=ratio, structured=structured, importance=importance,
+                  keep=list(keep), distill=distill, data=distill_data, student=student,
+                  epochs=epochs, lr=lr, temperature=temperature, batch_size=batch_size,
+                  seed=seed, eval_data=eval_data, labels=labels, metric=metric,
+                  threads=threads, shapes=parse_shapes(shapes), progress=prog)
+        if as_json:
+            _json_print(rep.to_dict())
+        else:
+            _render_prune(rep)
+        sys.exit(EXIT_OK)
     report = quantize(
         src, dst, mode, calibration=calibration, eval_data=eval_data, labels=labels,
         metric=metric, max_drop=parse_drop(max_drop), calib_method=calib_method, target=target,
@@ -172,4 +215,53 @@ def _render(r) -> None:
     else:
         out.print(f"[bold red]FAILED[/]: {_esc(r.failure)}")
         out.print(f"best attempt (do not ship): {_esc(r.rejected_output)}")
+    out.print(f"report: {_esc(r.report_path)}")
+
+
+def _render_prune(r) -> None:
+    from rich.table import Table
+
+    out = _out()
+    if not out.is_terminal:
+        out.width = max(out.width, 120)
+    kind = ("structured" if r.structured else "unstructured") + f" pruning {r.ratio:g}"
+    if r.distill:
+        kind = (kind + " + " if r.distill["student"] == "pruned" else "") + \
+            f"distillation (student: {r.distill['student']})"
+    t = Table(title=f"{_esc(r.source)}: {_esc(kind)}; {r.threads} thread(s)")
+    unit = r.metric or "metric"
+    for col in ("model", "params", "FLOPs", "size", "gzip", "p50 ms", "speedup", unit):
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+
+    def row(name, st, speed):
+        t.add_row(name, f"{st.params:,}", "?" if st.flops is None else f"{st.flops / 1e6:.1f} M",
+                  _human_size(st.size), _human_size(st.gzip_size),
+                  f"{st.p50_ms:.3f}" if st.p50_ms else "-", speed,
+                  "-" if st.metric is None else f"{100 * st.metric:.2f}%")
+
+    row("original", r.before, "1.00x")
+    if r.distill:
+        s0 = r.distill["student_before"]
+        t.add_row("student, before distillation", f"{s0['params']:,}", "", _human_size(s0["size"]),
+                  "", f"{s0['p50_ms']:.3f}", f"{r.before.p50_ms / s0['p50_ms']:.2f}x",
+                  "-" if s0["metric"] is None else f"{100 * s0['metric']:.2f}%")
+    row("result" + (" (distilled)" if r.distill else ""), r.after, f"{r.speedup:.2f}x")
+    out.print(t)
+    changed = [c for c in r.layers if c.before != c.after]
+    if changed:
+        out.print("layers: " + ", ".join(f"{_esc(c.name)} {c.before}->{c.after}" for c in changed[:12])
+                  + (f" (+{len(changed) - 12} more)" if len(changed) > 12 else ""))
+    if r.kept_layers:
+        out.print(f"never pruned: {_esc(', '.join(r.kept_layers))}")
+    if r.distill:
+        d = r.distill
+        out.print(f"distillation: {d['loss']} loss, T={d['temperature']:g}, lr={d['lr']:g}, "
+                  f"{d['epochs_run']}/{d['epochs']} epochs (best {d['best_epoch']}"
+                  f"{', early stop' if d['early_stopped'] else ''}), seed {d['seed']}; "
+                  f"{_esc(d['eval'])}: {100 * d['eval_before']:.2f}% -> {100 * d['eval_after']:.2f}%")
+    for n in r.notes:
+        out.print(f"note: {_esc(n)}")
+    for w in r.warnings:
+        out.print(f"[bold yellow]{_esc(w)}[/]")
+    out.print(f"[green]ok[/]: wrote {_esc(r.output)} (verified: runs, same signature)")
     out.print(f"report: {_esc(r.report_path)}")

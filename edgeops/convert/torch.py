@@ -476,20 +476,20 @@ def _precheck(model, onnx2torch) -> None:
         raise ConversionError(f"onnx2torch cannot convert {shown}", hint=_OPSET_HINT)
 
 
-def onnx_to_torchscript(src: Path, dst: Path, ctx: ConvertContext) -> dict:
-    torch = require("torch", what="ONNX -> TorchScript")
+def onnx_to_module(model):
+    """onnx2torch: an ONNX ModelProto -> a torch module (an fx GraphModule whose Conv/Linear/
+    BatchNorm are real torch layers), with unsupported ops refused by name."""
+    require("torch", what="ONNX -> torch")
     from ..formats import onnx as onnx_fmt
 
-    model = onnx_fmt.load(Path(src))
     _tidy(model)
     onnx2torch = _import_onnx2torch()
     _precheck(model, onnx2torch)
-    onnx_sig = onnx_fmt.signature_of(model)
-    ins = [s.name for s in onnx_sig.inputs]
+    ins = [s.name for s in onnx_fmt.signature_of(model).inputs]
     keep_names = all(n.isidentifier() for n in ins)
     try:
         with torch_fmt.quiet():
-            net = onnx2torch.convert(model, save_input_names=keep_names).eval()
+            return onnx2torch.convert(model, save_input_names=keep_names).eval()
     except NotImplementedError as exc:
         m = re.search(r"operation_type='([^']+)', version=(\d+)", str(exc))
         what = f"{m.group(1)} (opset {m.group(2)})" if m else first_line(exc)
@@ -498,6 +498,16 @@ def onnx_to_torchscript(src: Path, dst: Path, ctx: ConvertContext) -> dict:
         raise
     except Exception as exc:
         raise ConversionError(f"onnx2torch failed: {first_line(exc)}") from exc
+
+
+def onnx_to_torchscript(src: Path, dst: Path, ctx: ConvertContext) -> dict:
+    torch = require("torch", what="ONNX -> TorchScript")
+    from ..formats import onnx as onnx_fmt
+
+    model = onnx_fmt.load(Path(src))
+    net = onnx_to_module(model)
+    onnx_sig = onnx_fmt.signature_of(model)
+    ins = [s.name for s in onnx_sig.inputs]
     args = _example_args(ctx, ins, torch)
     try:
         with torch.no_grad(), torch_fmt.quiet():
