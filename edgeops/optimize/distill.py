@@ -118,7 +118,7 @@ def distill_module(tm, student, *, teacher, student_label: str, work, data: gate
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
                 count += len(idx)
                 tick()
         finally:

@@ -254,7 +254,7 @@ def prune_module(tm: TorchModel, ratio: float, structured: bool, importance: str
         except Exception as exc:  # noqa: BLE001
             raise ConversionError(f"torch-pruning could not prune this graph: {first_line(exc)}") from exc
     else:
-        prune_util = torch.nn.utils.prune
+        import torch.nn.utils.prune as prune_util
         for name, m in module.named_modules():
             if name in protect or not isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d,
                                                      torch.nn.Conv3d, torch.nn.Linear)):
