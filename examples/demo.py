@@ -53,6 +53,7 @@ def digits():
 def make_images(Xtr, Xte, yte) -> None:
     """Calibration (training images) and evaluation (test images + labels) for optimize."""
     np.savez(OUT / "digits_calib.npz", x=Xtr[:300].reshape(-1, 1, 8, 8))
+    np.savez(OUT / "digits_train.npz", x=Xtr.reshape(-1, 1, 8, 8))      # unlabeled, to distill
     np.savez(OUT / "digits_eval.npz", x=Xte.reshape(-1, 1, 8, 8), y=yte)
 
 
@@ -153,6 +154,11 @@ def main() -> None:
         "--eval", "digits_eval.npz", "--labels", "y", "--max-drop", "1%",
         "-o", "digits_cnn.opt.onnx")
     run("inspect", "digits_cnn.opt.onnx")
+
+    print("\n== 7. prune half the channels, then distill from the original to win accuracy back")
+    run("optimize", "digits_cnn.onnx", "--prune", "0.5", "--distill", "--data", "digits_train.npz",
+        "--epochs", "8", "--lr", "0.005", "--eval", "digits_eval.npz", "--labels", "y",
+        "-o", "digits_cnn.pruned.onnx")
 
     print("\n== the conversion matrix on this machine")
     run("formats")

@@ -5,7 +5,8 @@ once). The student is a torch module: the pruned teacher, a narrower copy, or a 
 TorchScript file. Classifiers (a 2-D float output with more than one column) use KL
 divergence on temperature-softened logits (Hinton et al.; loss x T^2), other models MSE.
 Seeded, with early stopping on an eval set (the --eval data, else a fixed 10 % of --data
-scored by agreement with the teacher), keeping the best epoch.
+scored by agreement with the teacher; ties broken by the distillation loss there), patience
+5, keeping the best epoch; the learning rate follows a cosine schedule over --epochs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def teacher_outputs(teacher, data: gates.Dataset, threads: int = 1) -> list[np.n
 def distill_module(tm, student, *, teacher, student_label: str, work, data: gates.Dataset,
                    eval_set: gates.Dataset | None, prog, epochs: int = 10, lr: float = 1e-3,
                    temperature: float = 4.0, batch_size: int = 64, seed: int = 0,
-                   patience: int = 3, threads: int = 1):
+                   patience: int = 5, threads: int = 1):
     """Train `student` in place on the teacher's outputs; export the best epoch to ONNX.
     Returns (report dict, path of the exported student)."""
     torch = require("torch", what="distillation")
@@ -75,7 +76,17 @@ def distill_module(tm, student, *, teacher, student_label: str, work, data: gate
     x_all = {nm: torch.from_numpy(np.ascontiguousarray(data.feeds[nm])) for nm in names}
     y_all = [torch.from_numpy(o) for o in t_out]
 
-    def ev_score(model) -> float:
+    T = float(temperature)
+
+    def kd_loss(out, ref):
+        if classifier:
+            return F.kl_div(F.log_softmax(out / T, -1), F.softmax(ref / T, -1),
+                            reduction="batchmean") * T * T
+        return F.mse_loss(out, ref)
+
+    def ev_score(model) -> tuple[float, float]:
+        """(metric, distillation loss against the teacher) on the eval inputs: the loss
+        breaks ties once a small eval set saturates the metric."""
         model.eval()
         with torch.no_grad():
             outs = []
@@ -83,12 +94,13 @@ def distill_module(tm, student, *, teacher, student_label: str, work, data: gate
             for i in range(0, m, 256):
                 args = [torch.from_numpy(np.ascontiguousarray(ev_x[nm][i:i + 256])) for nm in names]
                 outs.append(_as_list(model(*args))[k].numpy())
-        out = np.concatenate(outs)
+            out = np.concatenate(outs)
+            loss = float(kd_loss(torch.from_numpy(out), torch.from_numpy(ev_ref)))
         if not classifier:
             a, b = out.reshape(len(out), -1), ev_ref.reshape(len(out), -1)
-            return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+            return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12))), loss
         want = ev_labels.reshape(-1) if ev_labels is not None else ev_ref.argmax(1)
-        return float(np.mean(out.argmax(1) == want))
+        return float(np.mean(out.argmax(1) == want)), loss
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -96,10 +108,12 @@ def distill_module(tm, student, *, teacher, student_label: str, work, data: gate
     if not params:
         raise UsageError("the student has no trainable parameters")
     opt = torch.optim.Adam(params, lr)
-    start = ev_score(student)
-    best, best_state, best_epoch, history, stale = start, copy.deepcopy(student.state_dict()), 0, [], 0
+    steps = epochs * -(-len(train_idx) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    start, start_loss = ev_score(student)
+    best, best_loss = start, start_loss
+    best_state, best_epoch, history, stale = copy.deepcopy(student.state_dict()), 0, [], 0
     tidx = torch.from_numpy(train_idx)
-    T = float(temperature)
     for epoch in range(1, epochs + 1):
         student.train()
         perm = tidx[torch.randperm(len(tidx), generator=g)]
@@ -110,24 +124,27 @@ def distill_module(tm, student, *, teacher, student_label: str, work, data: gate
                 idx = perm[i:i + batch_size]
                 out = _as_list(student(*[x_all[nm][idx] for nm in names]))
                 if classifier:
-                    loss = F.kl_div(F.log_softmax(out[k] / T, -1), F.softmax(y_all[k][idx] / T, -1),
-                                    reduction="batchmean") * T * T
+                    loss = kd_loss(out[k], y_all[k][idx])
                 else:
                     loss = sum(F.mse_loss(o, y[idx]) for o, y in zip(out, y_all)
                                if o.dtype.is_floating_point)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
                 total += loss.item() * len(idx)
                 count += len(idx)
                 tick()
         finally:
             prog.done()
-        score = ev_score(student)
-        history.append({"epoch": epoch, "loss": round(total / max(count, 1), 6), "eval": round(score, 6)})
-        prog.say(f"epoch {epoch}: loss {total / max(count, 1):.4f}, eval {score:.4f}")
-        if score > best:
-            best, best_state, best_epoch, stale = score, copy.deepcopy(student.state_dict()), epoch, 0
+        score, ev_loss = ev_score(student)
+        history.append({"epoch": epoch, "loss": round(total / max(count, 1), 6),
+                        "eval": round(score, 6), "eval_loss": round(ev_loss, 6)})
+        prog.say(f"epoch {epoch}: loss {total / max(count, 1):.4f}, eval {score:.4f} "
+                 f"(distillation loss {ev_loss:.4f})")
+        if score > best or (score == best and ev_loss < best_loss):
+            best, best_loss, best_epoch, stale = score, ev_loss, epoch, 0
+            best_state = copy.deepcopy(student.state_dict())
         else:
             stale += 1
             if stale >= patience:
