@@ -157,7 +157,7 @@ def main() -> None:
 
     print("\n== 7. prune half the channels, then distill from the original to win accuracy back")
     run("optimize", "digits_cnn.onnx", "--prune", "0.5", "--distill", "--data", "digits_train.npz",
-        "--epochs", "8", "--lr", "0.005", "--eval", "digits_eval.npz", "--labels", "y",
+        "--epochs", "20", "--lr", "0.01", "--eval", "digits_eval.npz", "--labels", "y",
         "-o", "digits_cnn.pruned.onnx")
 
     print("\n== the conversion matrix on this machine")

@@ -234,7 +234,7 @@ def _render_prune(r) -> None:
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
 
     def row(name, st, speed):
-        t.add_row(name, f"{st.params:,}", "?" if st.flops is None else f"{st.flops / 1e6:.1f} M",
+        t.add_row(name, f"{st.params:,}", _flops(st.flops),
                   _human_size(st.size), _human_size(st.gzip_size),
                   f"{st.p50_ms:.3f}" if st.p50_ms else "-", speed,
                   "-" if st.metric is None else f"{100 * st.metric:.2f}%")
@@ -265,3 +265,12 @@ def _render_prune(r) -> None:
         out.print(f"[bold yellow]{_esc(w)}[/]")
     out.print(f"[green]ok[/]: wrote {_esc(r.output)} (verified: runs, same signature)")
     out.print(f"report: {_esc(r.report_path)}")
+
+
+def _flops(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return str(n)
