@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import cli
-from ..errors import EXIT_OK, EXIT_VERIFY, EdgeopsError
+from ..errors import EXIT_OK, EXIT_VERIFY
 
 # ----------------------------------------------------------------------------- helpers
 

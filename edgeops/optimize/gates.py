@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import UsageError
 from ..formats.base import Signature
 
+REPORT_SUFFIX = ".edgeops.json"          # the JSON report beside an optimized model
 FASTER_THRESHOLD = 1.05     # below a 5 % gain, a "speedup" is within run-to-run noise here
 SLOWER_THRESHOLD = 0.95
 
@@ -304,3 +305,14 @@ def measure_interleaved(models: dict[str, str | Path], feeds: dict[str, np.ndarr
                      runs=len(v)) for n, v in times.items()}
     return SpeedResult(timings=out, threads=threads)
 
+
+
+def write_report(report, dst: Path, t_start: float) -> Path:
+    """Stamp the elapsed time and write `report.to_dict()` as DST.edgeops.json."""
+    import json
+
+    report.seconds = time.perf_counter() - t_start
+    path = Path(dst).with_name(Path(dst).name + REPORT_SUFFIX)
+    report.report_path = str(path)
+    path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    return path

@@ -12,7 +12,6 @@ feeding a graph output) and `--keep` layers are never pruned.
 from __future__ import annotations
 
 import gzip
-import json
 import shutil
 import tempfile
 import time
@@ -31,7 +30,6 @@ PASS_BACK = {"Relu", "Clip", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Flatte
              "Identity", "Transpose", "Squeeze", "Unsqueeze", "Add", "Mul", "Div", "Sub",
              "BatchNormalization", "ReduceMean", "GlobalAveragePool", "Cast", "Dropout",
              "LeakyRelu", "HardSigmoid", "HardSwish", "Gelu", "Erf"}
-REPORT_SUFFIX = ".edgeops.json"
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -277,7 +275,7 @@ def stats_of(path: Path, shapes: dict | None) -> ModelStats:
 
 
 def evaluate(paths: dict[str, Path], data: gates.Dataset, metric: str, ref_path: Path,
-             threads: int, tick_factory=None) -> tuple[str, dict[str, float]]:
+             threads: int) -> tuple[str, dict[str, float]]:
     """Metric of each model on the eval data; agreement/cosine are against `ref_path`."""
     def run(p):
         s = gates.session(p, threads)
@@ -454,10 +452,7 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
             parent=lineage.read_onnx_lineage(tm.onnx_path))
         lineage.write_onnx_lineage(dst, rec)
         report.output = str(dst)
-        report.seconds = time.perf_counter() - t0
-        rp = dst.with_name(dst.name + REPORT_SUFFIX)
-        report.report_path = str(rp)
-        rp.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        gates.write_report(report, dst, t0)
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)

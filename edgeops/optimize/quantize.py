@@ -36,7 +36,7 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 CALIB_LIMIT = 512          # calibration samples used at most
 SENS_LIMIT = 16            # samples used to rank node sensitivity (every tensor is kept)
 SENS_BATCH = 4
-REPORT_SUFFIX = ".edgeops.json"
+REPORT_SUFFIX = gates.REPORT_SUFFIX
 
 
 @contextlib.contextmanager
@@ -441,7 +441,6 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         settings.reasons.append(f"dynamic op types set by the user: {', '.join(op_types)}")
 
     # ---- data
-    needs_calib = mode in ("static", "auto")
     calib = None
     calib_label = None
     if calibration is not None and str(calibration) == "random":
@@ -493,7 +492,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
             raise UsageError(f"the fp32 model fails on the eval data: {first_line(exc)}") from None
         finally:
             prog.done()
-        del fsess
+        fsess = None  # free the fp32 session before building variants
         metric_name = gates.pick_metric(metric, data, ref)
         metric_fp32 = gates.score(metric_name, ref, ref, data.labels)
         evaluate = _Evaluator(data, metric_name, ref, threads, prog)
@@ -618,10 +617,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
             report.output = str(final)
         else:
             report.rejected_output = str(final)
-        report.seconds = time.perf_counter() - t_start
-        report_path = dst.with_name(dst.name + REPORT_SUFFIX)
-        report.report_path = str(report_path)
-        report_path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        gates.write_report(report, dst, t_start)
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
