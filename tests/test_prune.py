@@ -141,6 +141,16 @@ def test_distillation_recovers_a_pruned_student(cnn, work):
     assert d["student_after"]["params"] == d["student_before"]["params"] < d["teacher"]["params"]
     lin = read_onnx_lineage(out)
     assert lin["step"] == "optimize.prune+distill" and lin["distill"]["best_epoch"] >= 1
+    # the result can then go through --quantize, and the lineage chain stays whole
+    from edgeops.optimize.quantize import quantize
+
+    q = quantize(out, work / "cnn.p50d.int8.onnx", "static", calibration=ev, eval_data=ev,
+                 labels="y", max_drop=0.02, calib_method="minmax", **FAST)
+    assert q.passed
+    chain = read_onnx_lineage(work / "cnn.p50d.int8.onnx")
+    assert chain["step"] == "optimize.quantize" and chain["parent"]["step"] == "optimize.prune+distill"
+    r2 = edgeops("inspect", work / "cnn.p50d.int8.onnx")
+    assert "optimize.prune+distill of cnn.onnx: ratio 0.5" in r2.stdout
 
 
 @pytest.mark.slow

@@ -224,6 +224,13 @@ def _lineage_lines(lin, depth: int = 0) -> list[str]:
         line = (f"{step} of {src}: {q.get('variant')} ({q.get('metric')} "
                 f"{q.get('metric_fp32', 0):.4f} -> {q.get('metric_quantized', 0):.4f}, "
                 f"{q.get('speedup', 0):.2f}x, {'passed' if q.get('passed') else 'FAILED'})")
+    elif step.startswith("optimize.") and isinstance(lin.get("prune"), dict):
+        p = lin["prune"]
+        params = p.get("params") or [0, 0]
+        acc = (f", {p.get('metric')} {p['metric_before']:.4f} -> {p['metric_after']:.4f}"
+               if p.get("metric_after") is not None else "")
+        line = (f"{step} of {src}: ratio {p.get('ratio')}, params {params[0]:,} -> "
+                f"{params[1]:,}, {p.get('speedup', 0):.2f}x{acc}")
     else:
         route = " -> ".join(lin.get("route", []))
         line = f"{step} of {src}: {route} (parity {lin.get('status', '?')})"
