@@ -19,7 +19,7 @@ from .errors import MissingExtraError
 EXTRAS: dict[str, tuple[str, ...]] = {
     "sklearn": ("sklearn", "skl2onnx"),
     "tensorflow": ("tensorflow", "tf2onnx", "h5py"),
-    "torch": ("torch", "onnxscript", "onnx2torch"),
+    "torch": ("torch", "onnxscript", "onnx2torch", "torch_pruning"),
     "coreml": ("coremltools",),
     # onnx2tf itself must be installed with --no-deps (it pins old numpy/onnx/protobuf
     # and a second TensorFlow); the rest install normally
