@@ -146,3 +146,59 @@ def cnn(path: Path, epochs: int = 3) -> Path:
                       dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}}, opset_version=17,
                       dynamo=False)
     return path
+
+
+def speech_lstm(path: Path) -> Path:
+    """Conv1d front end + bidirectional LSTM + Linear over time (a CTC-style speech model)."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+
+    class Speech(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(40, 64, 3, padding=1)
+            self.lstm = nn.LSTM(64, 64, batch_first=True, bidirectional=True)
+            self.fc = nn.Linear(128, 30)
+
+        def forward(self, x):
+            h, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
+            return self.fc(h)
+
+    torch.onnx.export(Speech().eval(), (torch.randn(1, 40, 50),), str(path), input_names=["feats"],
+                      output_names=["logits"], opset_version=17, dynamo=False,
+                      dynamic_axes={"feats": {0: "B", 2: "T"}, "logits": {0: "B", 1: "T"}})
+    return path
+
+
+def seg_head(path: Path) -> Path:
+    """Depthwise-separable block with squeeze-excite and a residual, then a 1x1 head whose
+    output is upsampled by Resize: the head feeds the graph output through a non-compute op."""
+    import torch
+    import torch.nn as nn
+    F = nn.functional
+
+    torch.manual_seed(0)
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+            self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+            self.pw = nn.Conv2d(16, 16, 1)
+            self.se1, self.se2 = nn.Linear(16, 4), nn.Linear(4, 16)
+            self.head = nn.Conv2d(16, 5, 1)
+
+        def forward(self, x):
+            h = F.hardswish(self.stem(x))
+            r = h
+            h = self.pw(F.hardswish(self.dw(h)))
+            w = torch.sigmoid(self.se2(torch.relu(self.se1(h.mean((2, 3))))))
+            h = h * w[:, :, None, None] + r
+            return F.interpolate(self.head(h), scale_factor=2.0, mode="bilinear", align_corners=False)
+
+    torch.onnx.export(Seg().eval(), (torch.randn(1, 3, 32, 32),), str(path), input_names=["image"],
+                      output_names=["mask"], opset_version=17, dynamo=False,
+                      dynamic_axes={"image": {0: "B"}, "mask": {0: "B"}})
+    return path

@@ -204,3 +204,12 @@ def test_sklearn_and_coreml_refused(work):
     ct.models.MLModel(b.spec).save(str(ml))
     r = edgeops("optimize", ml, "--prune", "0.5", "-o", work / "x.onnx")
     assert r.returncode == 2 and "Core ML" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_output_layer_behind_resize_is_protected(work):
+    src = qm.seg_head(work / "seg.onnx")
+    r = prune(src, work / "seg.p.onnx", 0.5, **FAST)
+    assert "head/Conv" in r.kept_layers
+    x = np.random.default_rng(0).random((2, 3, 32, 32), np.float32)
+    assert gates.session(work / "seg.p.onnx", 1).run(None, {"image": x})[0].shape == (2, 5, 32, 32)

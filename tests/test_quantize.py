@@ -304,3 +304,20 @@ def test_outputs_that_do_not_stack_are_scored(work):
     r = quantize(src, work / "scalar_out.q.onnx", "dynamic", eval_data=work / "scalar_data.npz",
                  metric="cosine", max_drop=0.01, **FAST)
     assert r.passed and r.metric == "cosine" and 0.99 < r.variant("dynamic").metric <= 1.0
+
+
+@pytest.mark.slow
+def test_recurrent_model_survives_every_variant(work):
+    """onnxruntime 1.32 segfaults creating a session for some fp16 LSTM graphs: the variant
+    must fail (or be repaired), never the process."""
+    src = qm.speech_lstm(work / "speech.onnx")
+    data = work / "speech.npz"
+    np.savez(data, feats=np.random.default_rng(0).standard_normal((8, 40, 50)).astype(np.float32))
+    r = edgeops("optimize", src, "--quantize", "auto", "--calibration", data, "--metric", "cosine",
+                "-o", work / "speech.q.onnx", "--json")
+    assert r.returncode in (0, 1), r.stderr
+    rep = json.loads(r.stdout)
+    assert [v["name"] for v in rep["variants"]] == ["static", "dynamic", "fp16"]
+    assert all(v["error"] is None for v in rep["variants"]), [v["error"] for v in rep["variants"]]
+    lstm_float = rep["variants"][2]["weights"]["float_weights"]
+    assert any(w["op"] == "LSTM" for w in lstm_float)     # kept fp32 on purpose, and reported

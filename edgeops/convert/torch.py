@@ -473,7 +473,11 @@ def _precheck(model, onnx2torch) -> None:
                 missing.append(label)
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise ConversionError(f"onnx2torch cannot convert {shown}", hint=_OPSET_HINT)
+        opset = opsets.get("", 1)
+        hint = _OPSET_HINT if opset > 17 else (
+            "onnx2torch has no converter for this op at any opset; keep the model in ONNX, or "
+            "work on the original network in its framework")
+        raise ConversionError(f"onnx2torch cannot convert {shown}", hint=hint)
 
 
 def onnx_to_module(model):

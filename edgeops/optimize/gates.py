@@ -278,6 +278,24 @@ def session(path: str | Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def probe_loads(path: str | Path, timeout: float = 300) -> None:
+    """Create an onnxruntime session for PATH in a child process first: some invalid graphs
+    crash session creation outright (a segfault, e.g. an fp16 LSTM), which would take this
+    process, and every other result, down with it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, onnxruntime as ort; so = ort.SessionOptions(); so.log_severity_level = 3; "
+            "ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        if r.returncode < 0:
+            tail = f"onnxruntime crashed (signal {-r.returncode}) loading it"
+        raise RuntimeError(f"onnxruntime cannot load the result: {tail[:300]}")
+
+
 def measure_interleaved(models: dict[str, str | Path], feeds: dict[str, np.ndarray], threads: int = 1,
                         min_runs: int = 50, max_runs: int = 2000, seconds: float = 3.0,
                         warmup: int = 5) -> SpeedResult:

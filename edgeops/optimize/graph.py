@@ -145,6 +145,45 @@ def fix_fp16_casts(model) -> int:
     return fixed
 
 
+def fp32_io(m16, original):
+    """Give an fp16 model the original's float32 inputs and outputs with explicit Casts."""
+    from onnx import TensorProto, helper
+
+    orig_types = {v.name: v.type.tensor_type.elem_type
+                  for v in list(original.graph.input) + list(original.graph.output)}
+    g = m16.graph
+    front, back = [], []
+    for vi in g.input:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16 and orig_types.get(vi.name) == TensorProto.FLOAT:
+            inner = f"{vi.name}__fp16"
+            for n in all_graphs(g):
+                for node in n[0].node:
+                    for k, i in enumerate(node.input):
+                        if i == vi.name:
+                            node.input[k] = inner
+            front.append(helper.make_node("Cast", [vi.name], [inner], name=f"{vi.name}_to_fp16",
+                                          to=TensorProto.FLOAT16))
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    for vi in g.output:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16 and orig_types.get(vi.name) == TensorProto.FLOAT:
+            inner = f"{vi.name}__fp16"
+            for n in all_graphs(g):
+                for node in n[0].node:
+                    for k, o in enumerate(node.output):
+                        if o == vi.name:
+                            node.output[k] = inner
+                    for k, i in enumerate(node.input):
+                        if i == vi.name:
+                            node.input[k] = inner
+            back.append(helper.make_node("Cast", [inner], [vi.name], name=f"{vi.name}_to_fp32",
+                                         to=TensorProto.FLOAT))
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = front + list(g.node) + back
+    del g.node[:]
+    g.node.extend(nodes)
+    return m16
+
+
 def drop_unused_opsets(model) -> None:
     """onnxruntime's optimizer declares every domain it knows (training, preview, nchwc...);
     keep the default domain and the ones a node actually uses, so other tools accept it."""

@@ -26,10 +26,6 @@ from . import gates
 from .distill import distill_module
 
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-PASS_BACK = {"Relu", "Clip", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Flatten", "Reshape",
-             "Identity", "Transpose", "Squeeze", "Unsqueeze", "Add", "Mul", "Div", "Sub",
-             "BatchNormalization", "ReduceMean", "GlobalAveragePool", "Cast", "Dropout",
-             "LeakyRelu", "HardSigmoid", "HardSwish", "Gelu", "Erf"}
 
 
 # ----------------------------------------------------------------------------- torch side
@@ -50,9 +46,15 @@ def _module_name(node_name: str) -> str:
     return node_name.lstrip("/")
 
 
+MULTI_INPUT = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Concat", "Where"}
+
+
 def _output_layers(model) -> list[str]:
-    """Compute nodes feeding each graph output, back through shape/activation ops."""
+    """Compute nodes whose output channels reach a graph output: walking back from each
+    output through every other op (data inputs only: the first input of Reshape, Resize,
+    Slice...; all inputs of element-wise and Concat ops)."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
     found, seen = [], set()
     stack = [o.name for o in model.graph.output]
     while stack:
@@ -63,8 +65,10 @@ def _output_layers(model) -> list[str]:
         seen.add(n.name)
         if n.op_type in COMPUTE_OPS:
             found.append(_module_name(n.name))
-        elif n.op_type in PASS_BACK or n.op_type == "Concat":
-            stack.extend(i for i in n.input if i)
+        elif n.op_type in MULTI_INPUT:
+            stack.extend(i for i in n.input if i and i not in inits)
+        elif n.input:
+            stack.append(n.input[0])
     return found
 
 
