@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConversionError, first_line
+from ..formats.onnx import walk_nodes
 
 FLOAT_TYPES = (1, 10, 11, 16)          # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 QUANT_CONSUMERS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
@@ -43,17 +44,16 @@ def all_graphs(graph, depth: int = 0):
 
 def name_nodes(model) -> int:
     """Give every unnamed node a unique name; returns how many were named."""
-    used = {n.name for g, _ in all_graphs(model.graph) for n in g.node if n.name}
+    used = {n.name for n in walk_nodes(model.graph) if n.name}
     count = 0
-    for g, _ in all_graphs(model.graph):
-        for i, n in enumerate(g.node):
-            if not n.name or n.name in ("",):
-                base = f"{n.op_type}_eo{count}"
-                while base in used:
-                    base += "_"
-                n.name = base
-                used.add(base)
-                count += 1
+    for n in walk_nodes(model.graph):
+        if not n.name:
+            base = f"{n.op_type}_eo{count}"
+            while base in used:
+                base += "_"
+            n.name = base
+            used.add(base)
+            count += 1
     return count
 
 
@@ -145,6 +145,15 @@ def fix_fp16_casts(model) -> int:
     return fixed
 
 
+def _rename(graph, old: str, new: str) -> None:
+    """Rename a tensor wherever a node (in any body) produces or reads it."""
+    for node in walk_nodes(graph):
+        for names in (node.input, node.output):
+            for k, x in enumerate(names):
+                if x == old:
+                    names[k] = new
+
+
 def fp32_io(m16, original):
     """Give an fp16 model the original's float32 inputs and outputs with explicit Casts."""
     from onnx import TensorProto, helper
@@ -153,30 +162,19 @@ def fp32_io(m16, original):
                   for v in list(original.graph.input) + list(original.graph.output)}
     g = m16.graph
     front, back = [], []
-    for vi in g.input:
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16 and orig_types.get(vi.name) == TensorProto.FLOAT:
+    for values, cast_in in ((g.input, True), (g.output, False)):
+        for vi in values:
+            if (vi.type.tensor_type.elem_type != TensorProto.FLOAT16
+                    or orig_types.get(vi.name) != TensorProto.FLOAT):
+                continue
             inner = f"{vi.name}__fp16"
-            for n in all_graphs(g):
-                for node in n[0].node:
-                    for k, i in enumerate(node.input):
-                        if i == vi.name:
-                            node.input[k] = inner
-            front.append(helper.make_node("Cast", [vi.name], [inner], name=f"{vi.name}_to_fp16",
-                                          to=TensorProto.FLOAT16))
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT
-    for vi in g.output:
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16 and orig_types.get(vi.name) == TensorProto.FLOAT:
-            inner = f"{vi.name}__fp16"
-            for n in all_graphs(g):
-                for node in n[0].node:
-                    for k, o in enumerate(node.output):
-                        if o == vi.name:
-                            node.output[k] = inner
-                    for k, i in enumerate(node.input):
-                        if i == vi.name:
-                            node.input[k] = inner
-            back.append(helper.make_node("Cast", [inner], [vi.name], name=f"{vi.name}_to_fp32",
-                                         to=TensorProto.FLOAT))
+            _rename(g, vi.name, inner)
+            if cast_in:
+                front.append(helper.make_node("Cast", [vi.name], [inner], name=f"{vi.name}_to_fp16",
+                                              to=TensorProto.FLOAT16))
+            else:
+                back.append(helper.make_node("Cast", [inner], [vi.name], name=f"{vi.name}_to_fp32",
+                                             to=TensorProto.FLOAT))
             vi.type.tensor_type.elem_type = TensorProto.FLOAT
     nodes = front + list(g.node) + back
     del g.node[:]
@@ -187,7 +185,7 @@ def fp32_io(m16, original):
 def drop_unused_opsets(model) -> None:
     """onnxruntime's optimizer declares every domain it knows (training, preview, nchwc...);
     keep the default domain and the ones a node actually uses, so other tools accept it."""
-    used = {n.domain for g, _ in all_graphs(model.graph) for n in g.node}
+    used = {n.domain for n in walk_nodes(model.graph)}
     keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
     del model.opset_import[:]
     model.opset_import.extend(keep)
@@ -253,7 +251,7 @@ def quantized_op_count(model) -> int:
     ops = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
            "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
            "MatMulIntegerToFloat", "QAttention", "DynamicQuantizeLSTM"}
-    return sum(1 for g, _ in all_graphs(model.graph) for n in g.node if n.op_type in ops)
+    return sum(1 for n in walk_nodes(model.graph) if n.op_type in ops)
 
 
 # ----------------------------------------------------------------------------- sensitivity

@@ -417,8 +417,8 @@ def _check_source(src: Path):
 
 def _check_names(model, exclude: list[str] | None, op_types: list[str] | None) -> None:
     """--exclude names nodes and --op-types names ops: a typo would silently do nothing."""
-    nodes = {n.name for g, _ in graph.all_graphs(model.graph) for n in g.node}
-    ops = {n.op_type for g, _ in graph.all_graphs(model.graph) for n in g.node}
+    nodes = {n.name for n in graph.walk_nodes(model.graph)}
+    ops = {n.op_type for n in graph.walk_nodes(model.graph)}
     missing = [n for n in exclude or [] if n not in nodes]
     if missing:
         raise UsageError(f"--exclude: no node named {', '.join(map(repr, missing))} in the model",
