@@ -66,7 +66,6 @@ def main() -> int:
                 print(f"[cnn] {label}: {info[label]['seconds']:.0f} s", file=sys.stderr)
         speed = gates.measure_interleaved(files, {"x": x[1400:1401]}, threads=1,
                                           seconds=args.seconds * len(files))
-        speed.baseline = "original"
         ex, ey = x[1400:], y[1400:]
         rows = []
         for label, path in files.items():

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +21,6 @@ import numpy as np
 from ..errors import UsageError
 from ..formats.base import Signature
 
-REPORT_SUFFIX = ".edgeops.json"          # the JSON report beside an optimized model
 FASTER_THRESHOLD = 1.05     # below a 5 % gain, a "speedup" is within run-to-run noise here
 SLOWER_THRESHOLD = 0.95
 
@@ -65,21 +64,21 @@ class Dataset:
     def n_used(self) -> int:
         return self.n - self.n % self.batch if self.fixed else self.n
 
-    def batches(self, limit: int | None = None, full_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
-        """Rows in batches; the last may be short unless the model's batch is fixed or
-        `full_only` (onnxruntime's histogram calibrators need equal batches)."""
+    def batches(self, limit: int | None = None, full_only: bool = False,
+                rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of `rows` (default: the dataset's batch); the last may be short unless
+        the model's batch is fixed or `full_only` (onnxruntime's histogram calibrators need
+        equal batches)."""
+        size = rows or self.batch
         n = self.n_used if limit is None else min(self.n_used, limit)
-        for i in range(0, n, self.batch):
-            if (self.fixed or full_only) and i + self.batch > n:
+        for i in range(0, n, size):
+            if (self.fixed or full_only) and i + size > n:
                 break
-            yield {k: v[i:i + self.batch] for k, v in self.feeds.items()}
+            yield {k: v[i:i + size] for k, v in self.feeds.items()}
 
     def n_batches(self, limit: int | None = None) -> int:
         n = self.n_used if limit is None else min(self.n_used, limit)
         return n // self.batch if self.fixed else -(-n // self.batch)
-
-    def first(self) -> dict[str, np.ndarray]:
-        return next(self.batches())
 
 
 def fixed_batch(signature: Signature) -> int | None:
@@ -252,8 +251,7 @@ class Timing:
 class SpeedResult:
     timings: dict[str, Timing]
     threads: int
-    baseline: str = "fp32"
-    notes: list[str] = field(default_factory=list)
+    baseline: str                    # the first model given: speedups are relative to it
 
     def speedup(self, name: str) -> float:
         return self.timings[self.baseline].p50_ms / self.timings[name].p50_ms
@@ -278,6 +276,9 @@ def session(path: str | Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+_LOADS_OK: set[tuple[str, int, int]] = set()
+
+
 def probe_loads(path: str | Path, timeout: float = 300) -> None:
     """Create an onnxruntime session for PATH in a child process first: some invalid graphs
     crash session creation outright (a segfault, e.g. an fp16 LSTM), which would take this
@@ -285,6 +286,10 @@ def probe_loads(path: str | Path, timeout: float = 300) -> None:
     import subprocess
     import sys
 
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    if key in _LOADS_OK:        # this exact file already loaded (fp16 probes before evaluating)
+        return
     code = ("import sys, onnxruntime as ort; so = ort.SessionOptions(); so.log_severity_level = 3; "
             "ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])")
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
@@ -294,12 +299,14 @@ def probe_loads(path: str | Path, timeout: float = 300) -> None:
         if r.returncode < 0:
             tail = f"onnxruntime crashed (signal {-r.returncode}) loading it"
         raise RuntimeError(f"onnxruntime cannot load the result: {tail[:300]}")
+    _LOADS_OK.add(key)
 
 
 def measure_interleaved(models: dict[str, str | Path], feeds: dict[str, np.ndarray], threads: int = 1,
                         min_runs: int = 50, max_runs: int = 2000, seconds: float = 3.0,
                         warmup: int = 5) -> SpeedResult:
-    """Round-robin latency of several models on the same feeds, in this process."""
+    """Round-robin latency of several models on the same feeds, in this process. The first
+    model is the baseline of `SpeedResult.speedup`."""
     sess = {name: session(p, threads) for name, p in models.items()}
     names = list(sess)
     for _ in range(warmup):
@@ -321,7 +328,7 @@ def measure_interleaved(models: dict[str, str | Path], feeds: dict[str, np.ndarr
         r += 1
     out = {n: Timing(p50_ms=1e3 * float(np.median(v)), p90_ms=1e3 * float(np.percentile(v, 90)),
                      runs=len(v)) for n, v in times.items()}
-    return SpeedResult(timings=out, threads=threads)
+    return SpeedResult(timings=out, threads=threads, baseline=names[0])
 
 
 
@@ -330,6 +337,8 @@ def write_report(report, dst: Path, t_start: float) -> Path:
     import json
 
     report.seconds = time.perf_counter() - t_start
+    from ..convert import REPORT_SUFFIX
+
     path = Path(dst).with_name(Path(dst).name + REPORT_SUFFIX)
     report.report_path = str(path)
     path.write_text(json.dumps(report.to_dict(), indent=2, default=str))

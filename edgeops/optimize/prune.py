@@ -410,7 +410,6 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
         prog.say(f"timing original and result interleaved ({threads} thread{'s' * (threads > 1)})")
         one = {k: v[: (gates.fixed_batch(tm.signature) or 1)] for k, v in feeds.items()}
         speed = gates.measure_interleaved(models, one, threads=threads, seconds=measure_seconds)
-        speed.baseline = "before"
         before.p50_ms = speed.timings["before"].p50_ms
         after.p50_ms = speed.timings["after"].p50_ms
         speedup = speed.speedup("after")

@@ -25,9 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
-from ..errors import ConversionError, EdgeopsError, UsageError, VerificationError, first_line
+from ..errors import ConversionError, EdgeopsError, UsageError, first_line
 from . import gates, graph, isa
 from .graph import rank_sensitivity
 
@@ -36,7 +35,6 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 CALIB_LIMIT = 512          # calibration samples used at most
 SENS_LIMIT = 16            # samples used to rank node sensitivity (every tensor is kept)
 SENS_BATCH = 4
-REPORT_SUFFIX = gates.REPORT_SUFFIX
 
 
 @contextlib.contextmanager
@@ -55,10 +53,6 @@ def _quiet():
             yield
     finally:
         logging.disable(prev)
-
-
-class BudgetError(VerificationError):
-    """The accuracy budget (or the required speedup) was not met. Exit 1."""
 
 
 # ----------------------------------------------------------------------------- progress
@@ -279,7 +273,7 @@ def build_fp16(pre: Path, out: Path, keep_io_types: bool, exclude: list[str]) ->
 # ----------------------------------------------------------------------------- evaluation
 
 class _Evaluator:
-    def __init__(self, data: gates.Dataset, metric: str, ref: list[np.ndarray], threads: int,
+    def __init__(self, data: gates.Dataset, metric: str, ref: gates.Outputs, threads: int,
                  prog: Progress):
         self.data, self.metric, self.ref, self.threads, self.prog = data, metric, ref, threads, prog
 
@@ -460,12 +454,15 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
     _check_names(model, exclude, op_types)
     warnings: list[str] = []
 
+    def warn(msg: str) -> None:
+        warnings.append(msg)
+        prog.warn(msg)
+
     cpu = isa.from_target(target) if target else isa.detect()
     settings = isa.choose(cpu)
     if target:
-        warnings.append(f"settings chosen for {cpu.source}, but latency and the speed verdict "
-                        "are measured on THIS machine, not on the target")
-        prog.warn(warnings[-1])
+        warn(f"settings chosen for {cpu.source}, but latency and the speed verdict are "
+             "measured on THIS machine, not on the target")
     if op_types:
         settings.dynamic_op_types = list(op_types)
         settings.reasons.append(f"dynamic op types set by the user: {', '.join(op_types)}")
@@ -476,9 +473,8 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
     if calibration is not None and str(calibration) == "random":
         calib = gates.random_dataset(sig, n=64, shapes=shapes)
         calib_label = "random (generated)"
-        warnings.append("calibrating on RANDOM inputs: activation ranges will not match real "
-                        "data, and int8 accuracy on real inputs is unknown")
-        prog.warn(warnings[-1])
+        warn("calibrating on RANDOM inputs: activation ranges will not match real data, and "
+             "int8 accuracy on real inputs is unknown")
     elif calibration is not None:
         calib = gates.load_dataset(calibration, sig)
         calib_label = f"{calib.source} ({calib.n} samples)"
@@ -492,18 +488,14 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         raise UsageError("--labels names an array in the --eval data; pass --eval DATA too")
     elif calib is not None and calib_label != "random (generated)":
         data = calib
-        warnings.append("no --eval data: evaluating on the calibration data (optimistic)")
+        warn("no --eval data: evaluating on the calibration data (optimistic)")
     else:
         data = gates.random_dataset(sig, n=64, seed=1, shapes=shapes)
-        warnings.append("no --eval data: accuracy measured as agreement with fp32 on RANDOM "
-                        "inputs; real-data accuracy is unknown")
-    for w in warnings[-1:]:
-        if w.startswith("no --eval"):
-            prog.warn(w)
+        warn("no --eval data: accuracy measured as agreement with fp32 on RANDOM inputs; "
+             "real-data accuracy is unknown")
     if data.n_used < data.n:
-        warnings.append(f"the model takes batches of {data.batch}: the last "
-                        f"{data.n - data.n_used} eval samples are not used")
-        prog.warn(warnings[-1])
+        warn(f"the model takes batches of {data.batch}: the last {data.n - data.n_used} eval "
+             "samples are not used")
 
     work = Path(tempfile.mkdtemp(prefix="edgeops-quant-"))
     try:
@@ -540,14 +532,13 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         names = ["static", "dynamic", "fp16"] if mode == "auto" else [mode]
         if mode == "auto" and calib is None:
             names.remove("static")
-            warnings.append("auto: static int8 skipped, no --calibration data given")
-            prog.warn(warnings[-1])
+            warn("auto: static int8 skipped, no --calibration data given")
         variants: list[Variant] = []
         for name in names:
             v = Variant(name=name, settings={})
             variants.append(v)
             try:
-                _run_variant(v, pre, work, settings, calib, calib_method, op_types, user_exclude,
+                _run_variant(v, pre, work, settings, calib, calib_method, user_exclude,
                              keep_io_types, evaluate, metric_fp32, max_drop, sens_batches, cands,
                              prog)
             except EdgeopsError:
@@ -655,16 +646,12 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
 
 def _small_batches(data: gates.Dataset, limit: int) -> list[dict]:
     """Sensitivity ranking keeps every intermediate tensor: small batches bound memory."""
-    if data.fixed:
-        return list(data.batches(max(limit, data.batch)))
-    rows = min(SENS_BATCH, data.batch)
-    n = min(data.n, limit)
-    return [{k: v[i:i + rows] for k, v in data.feeds.items()} for i in range(0, n, rows)]
+    rows = data.batch if data.fixed else min(SENS_BATCH, data.batch)
+    return list(data.batches(max(limit, rows), rows=rows))
 
 
 def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
-                 calib: gates.Dataset | None, calib_method: str, op_types: list[str] | None,
-                 user_exclude: list[str], keep_io_types: bool, evaluate: _Evaluator,
+                 calib: gates.Dataset | None, calib_method: str, user_exclude: list[str], keep_io_types: bool, evaluate: _Evaluator,
                  metric_fp32: float, max_drop: float, sens_batches: list[dict],
                  cands: Callable[[Path], set[str]], prog: Progress) -> None:
     if v.name == "static":
@@ -683,7 +670,7 @@ def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
         build = lambda ex, out: build_static(pre, out, s, method, calib,  # noqa: E731
                                              work / f"calib-{method}.json", ex, prog)
     elif v.name == "dynamic":
-        ops = op_types or s.dynamic_op_types
+        ops = s.dynamic_op_types          # --op-types, when given, is already in here
         v.settings = {"weight_type": "int8", "per_channel": False, "reduce_range": s.reduce_range,
                       "op_types": list(ops)}
         build = lambda ex, out: build_dynamic(pre, out, s, ops, ex)  # noqa: E731
