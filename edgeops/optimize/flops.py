@@ -70,9 +70,3 @@ def model_flops(model, shapes: dict[str, tuple[int, ...]] | None = None) -> int 
             total += 2 * int(np.prod(out)) * int(kdim)
     return total
 
-
-def count_params(model) -> int:
-    from ..formats import onnx as onnx_fmt
-
-    return onnx_fmt.count_params(model.graph)["total"]
-

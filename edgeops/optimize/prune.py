@@ -35,11 +35,42 @@ class TorchModel:
     """An ONNX model taken to torch, with what is needed to bring it back."""
     module: object
     onnx_path: Path                      # the ONNX the module came from (the reference)
+    source_format: str                   # the format the user gave (before any conversion)
     signature: object
-    example: tuple                       # torch tensors, batch 1 (or the fixed batch)
+    feeds: dict[str, np.ndarray]         # generated inputs, batch 1 (or the fixed batch)
     opset: int
     output_layers: list[str]             # module names that feed graph outputs
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def example(self) -> tuple:
+        """The feeds as torch tensors, in input order."""
+        torch = require("torch")
+        return tuple(torch.from_numpy(self.feeds[s.name]) for s in self.signature.inputs)
+
+
+def tensors(out) -> list:
+    """A module's outputs (tensor, tuple, list or dict) as a flat list in export order."""
+    from ..formats import torch as torch_fmt
+
+    return [t for _, t in torch_fmt.flatten_outputs(out)]
+
+
+def parity_problem(tm: "TorchModel", module, onnx_path: Path) -> str | None:
+    """Why `module` and an ONNX file disagree on the generated inputs (exact shapes, then
+    verify.compare at atol 1e-4 / rtol 1e-3), or None when they agree."""
+    torch = require("torch")
+    from ..verify import compare
+
+    names = [s.name for s in tm.signature.outputs]
+    with torch.no_grad():
+        got = [t.detach().numpy() for t in tensors(module(*tm.example))]
+    ref = gates.session(onnx_path, 1).run(None, tm.feeds)
+    for name, r, g in zip(names, ref, got):
+        if r.shape != g.shape:
+            return f"output {name!r} has shape {list(g.shape)}, the ONNX model {list(r.shape)}"
+    parity = compare(dict(zip(names, ref)), dict(zip(names, got)), atol=1e-4, rtol=1e-3)
+    return None if parity.passed else parity.reason
 
 
 def _module_name(node_name: str) -> str:
@@ -82,7 +113,7 @@ def to_torch(src: Path, workdir: Path, shapes: dict | None, say) -> TorchModel:
     from ..formats import onnx as onnx_fmt
     from ..verify import make_inputs
 
-    torch = require("torch", what="pruning and distillation")
+    require("torch", what="pruning and distillation")
     info = formats.detect(src)
     notes = []
     if info.family in ("sklearn", "coreml"):
@@ -101,27 +132,14 @@ def to_torch(src: Path, workdir: Path, shapes: dict | None, say) -> TorchModel:
     sig = onnx_fmt.signature_of(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     module = onnx_to_module(onnx.load(str(onnx_path)))
-    batch = gates.fixed_batch(sig) or 1
-    feeds = make_inputs(sig, shapes=shapes, batch=batch, seed=0)
-    example = tuple(torch.from_numpy(feeds[s.name]) for s in sig.inputs)
+    feeds = make_inputs(sig, shapes=shapes, batch=gates.fixed_batch(sig) or 1, seed=0)
+    tm = TorchModel(module, onnx_path, info.id, sig, feeds, min(opset, 17),
+                    _output_layers(model), notes)
     # the torch module must be the ONNX model before anything is pruned
-    ref = gates.session(onnx_path, 1).run(None, feeds)
-    with torch.no_grad():
-        got = _as_list(module(*example))
-    for r, g in zip(ref, got):
-        g = g.detach().numpy()
-        if r.shape != g.shape or not np.allclose(r, g, atol=1e-4, rtol=1e-3):
-            raise ConversionError("onnx2torch's module does not reproduce the ONNX model "
-                                  f"(max abs {float(np.max(np.abs(r - g))) if r.shape == g.shape else 'shape'})")
-    return TorchModel(module, onnx_path, sig, example, min(opset, 17), _output_layers(model), notes)
-
-
-def _as_list(out) -> list:
-    if isinstance(out, (list, tuple)):
-        return list(out)
-    if isinstance(out, dict):
-        return list(out.values())
-    return [out]
+    problem = parity_problem(tm, module, onnx_path)
+    if problem:
+        raise ConversionError(f"onnx2torch's module does not reproduce the ONNX model: {problem}")
+    return tm
 
 
 def export_onnx(tm: TorchModel, module, dst: Path) -> None:
@@ -270,11 +288,12 @@ def stats_of(path: Path, shapes: dict | None) -> ModelStats:
     import onnx
 
     from ..formats import onnx as onnx_fmt
-    from .flops import count_params, model_flops
+    from .flops import model_flops
 
     model = onnx.load(str(path))
     raw = path.read_bytes()
-    return ModelStats(params=count_params(model), flops=model_flops(model, shapes),
+    return ModelStats(params=onnx_fmt.count_params(model.graph)["total"],
+                      flops=model_flops(model, shapes),
                       size=onnx_fmt.total_size(path), gzip_size=len(gzip.compress(raw, 6)))
 
 
@@ -287,7 +306,8 @@ def evaluate(paths: dict[str, Path], data: gates.Dataset, metric: str, ref_path:
 
     ref = run(ref_path)
     name = gates.pick_metric(metric, data, ref)
-    return name, {k: gates.score(name, run(p), ref, data.labels) for k, p in paths.items()}
+    return name, {k: gates.score(name, ref if p == ref_path else run(p), ref, data.labels)
+                  for k, p in paths.items()}
 
 
 def _student(tm: TorchModel, spec: str, importance: str, keep: list[str]):
@@ -312,12 +332,11 @@ def _student(tm: TorchModel, spec: str, importance: str, keep: list[str]):
         raise UsageError(f"--student {spec}: not a loadable TorchScript file ({first_line(exc)})") from None
     with torch.no_grad():
         try:
-            outs = _as_list(module(*tm.example))
+            outs = tensors(module(*tm.example))
         except Exception as exc:  # noqa: BLE001
             raise UsageError(f"--student {spec}: does not run on the teacher's inputs "
                              f"({first_line(exc)})") from None
-    ref = gates.session(tm.onnx_path, 1).run(None, {s.name: t.numpy() for s, t in
-                                                   zip(tm.signature.inputs, tm.example)})
+    ref = gates.session(tm.onnx_path, 1).run(None, tm.feeds)
     if [tuple(o.shape) for o in outs] != [r.shape for r in ref]:
         raise UsageError(f"--student {spec}: output shapes {[list(o.shape) for o in outs]} differ "
                          f"from the teacher's {[list(r.shape) for r in ref]}")
@@ -389,14 +408,13 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
         after_layers = _layers(module)
         stage_path = work / "student0.onnx"
         export_onnx(tm, module, stage_path)
-        feeds = {s.name: t.numpy() for s, t in zip(tm.signature.inputs, tm.example)}
-        check_signature(tm.onnx_path, stage_path, feeds)
+        check_signature(tm.onnx_path, stage_path, tm.feeds)
         layers = [LayerChange(n, k, c, after_layers[n][1]) for n, (k, c) in before_layers.items()
                   if n in after_layers]
         distill_report, final = None, stage_path
         if distill:
             distill_report, final = distill_module(
-                tm, module, teacher=tm.onnx_path, student_label=student, work=work, data=dset,
+                tm, module, student_label=student, work=work, data=dset,
                 eval_set=ev, prog=prog, epochs=epochs, lr=lr, temperature=temperature,
                 batch_size=batch_size, seed=seed, threads=threads)
         before, after = stats_of(tm.onnx_path, shapes), stats_of(final, shapes)
@@ -408,8 +426,7 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
             metric_name, scores = evaluate(models, ev, metric, tm.onnx_path, threads)
             before.metric, after.metric = scores["before"], scores["after"]
         prog.say(f"timing original and result interleaved ({threads} thread{'s' * (threads > 1)})")
-        one = {k: v[: (gates.fixed_batch(tm.signature) or 1)] for k, v in feeds.items()}
-        speed = gates.measure_interleaved(models, one, threads=threads, seconds=measure_seconds)
+        speed = gates.measure_interleaved(models, tm.feeds, threads=threads, seconds=measure_seconds)
         before.p50_ms = speed.timings["before"].p50_ms
         after.p50_ms = speed.timings["after"].p50_ms
         speedup = speed.speedup("after")
@@ -443,7 +460,7 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
         shutil.copyfile(final, dst)
         step = "optimize." + "+".join((["prune"] if ratio is not None else []) + (["distill"] if distill else []))
         rec = lineage.make_record(
-            step, src, sha256_path(src), "onnx" if src.suffix == ".onnx" else "other",
+            step, src, sha256_path(src), tm.source_format,
             {"prune": {"ratio": eff_ratio, "structured": structured, "importance": importance,
                        "kept_layers": protect, "params": [before.params, after.params],
                        "flops": [before.flops, after.flops],
