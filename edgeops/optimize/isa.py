@@ -103,7 +103,13 @@ def from_target(target: str | Path) -> CpuFeatures:
 
     p = Path(target)
     if not p.suffix and not p.exists():
-        p = Path(__file__).resolve().parents[2] / "targets" / f"{target}.toml"
+        from .. import targets
+
+        prof = targets.load(str(target))        # shipped, calibrated copy, or detected host
+        cpu = prof.data["cpu"]
+        return CpuFeatures(arch=_norm_arch(str(cpu["isa"])),
+                           features=sorted(str(f).lower() for f in cpu["features"]),
+                           source=f"target profile {prof.name}", model=prof.data.get("title"))
     if not p.is_file():
         raise UsageError(f"target profile {target!r} not found",
                          hint="pass a profile file (targets/NAME.toml) with isa and features")

@@ -1,0 +1,1 @@
+"""Benchmarking: measure locally, predict from a target profile, measure on a device."""

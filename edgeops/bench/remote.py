@@ -1,0 +1,93 @@
+"""On-device measurement: copy the model, its inputs and the standalone runner to the device
+over the fleet SSH transport, run it with the device's own python and onnxruntime, and bring
+back the runner's report (same schema as a local run, with the device's environment)."""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from pathlib import Path
+from typing import Callable
+
+from ..errors import EXIT_ENV
+from .measure import RUNNER, RunnerError, Settings, parse_runner
+
+PREFLIGHT = ("import sys, platform\n"
+             "try:\n"
+             "    import numpy, onnxruntime\n"
+             "except ImportError as e:\n"
+             "    print('MISSING', e.name); sys.exit(0)\n"
+             "print('OK', platform.python_version(), numpy.__version__, onnxruntime.__version__,"
+             " platform.machine())\n")
+
+
+class DeviceEnvError(RunnerError):
+    """The device lacks python, numpy or onnxruntime."""
+
+    exit_code = EXIT_ENV
+
+
+def external_data_files(model: Path) -> list[Path]:
+    """Files holding the model's external tensors (they must travel with it)."""
+    import onnx
+
+    m = onnx.load(str(model), load_external_data=False)
+    locs = set()
+    for t in m.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "location":
+                    locs.add(kv.value)
+    return [model.parent / loc for loc in sorted(locs)]
+
+
+def preflight(conn, python: str, where: str) -> dict:
+    """Python, numpy and onnxruntime versions on the device, or one clear error."""
+    r = conn.run([python, "-c", PREFLIGHT], timeout=60)
+    if r.rc == 127 or (r.rc != 0 and "not found" in r.stderr):
+        raise DeviceEnvError(f"{where}: no python at {python!r} on the device",
+                             hint="install python3 there, or name it: --python /path/to/python3 "
+                                  "(edgeops devices add ... --python)")
+    if r.rc != 0:
+        raise DeviceEnvError(f"{where}: {python} failed on the device: "
+                             f"{(r.stderr.strip().splitlines() or ['exit ' + str(r.rc)])[-1][:300]}")
+    words = r.stdout.split()
+    if words[:1] == ["MISSING"]:
+        name = words[1] if len(words) > 1 else "a module"
+        raise DeviceEnvError(f"{where}: {name} is not installed for {python} on the device",
+                             hint=f"on the device: {python} -m pip install onnxruntime numpy")
+    if words[:1] != ["OK"] or len(words) < 5:
+        raise DeviceEnvError(f"{where}: unexpected answer from {python}: {r.stdout[:200]!r}")
+    return {"python": words[1], "numpy": words[2], "onnxruntime": words[3], "arch": words[4]}
+
+
+def run_remote(device, model: Path, feeds_path: Path, s: Settings, *,
+               accept_new_host_key: bool = False,
+               progress: Callable[[int, float], None] | None = None) -> tuple[dict, dict]:
+    """(runner report, device record). `device` is an inventory Device."""
+    from ..fleet.ssh import connect
+
+    target = device.ssh_target()
+    where = f"device {device.name} ({target.user}@{target.host}:{target.port})"
+    with connect(target, accept_new_host_key=accept_new_host_key) as conn:
+        versions = preflight(conn, device.python, where)
+        r = conn.run("mktemp -d \"${TMPDIR:-/tmp}/edgeops-bench.XXXXXX\"", timeout=30)
+        if r.rc != 0 or not r.stdout.strip():
+            raise DeviceEnvError(f"{where}: cannot create a work folder: {r.stderr.strip()[:200]}")
+        work = r.stdout.strip()
+        try:
+            rmodel = posixpath.join(work, model.name)
+            conn.put(RUNNER, posixpath.join(work, "bench_runner.py"))
+            conn.put(model, rmodel)
+            for extra in external_data_files(model):
+                conn.put(extra, posixpath.join(work, extra.name))
+            conn.put(feeds_path, posixpath.join(work, "inputs.npz"))
+            cmd = [device.python, posixpath.join(work, "bench_runner.py"), rmodel,
+                   "--inputs", posixpath.join(work, "inputs.npz"), *s.runner_args()]
+            res = conn.run(cmd, timeout=s.timeout())
+        finally:
+            conn.run(f"rm -rf {shlex.quote(work)}", timeout=30)
+        run = parse_runner(res.rc, res.stdout, res.stderr, where)
+        record = {"name": device.name, "host": target.host, "port": target.port,
+                  "user": target.user, "host_key": conn.host_key, **versions}
+    return run, record
