@@ -295,7 +295,7 @@ def run(model_path, feeds=None, threads=1, runs=None, min_seconds=3.0, warmup=10
         warm.append(1e3 * (time.perf_counter() - t0))
 
     samples = []
-    cpu0, wall0 = os.times(), time.perf_counter()
+    cpu0, wall0 = time.process_time(), time.perf_counter()   # all threads, ns resolution
     last_report = wall0
     limit = runs if runs else 10**7
     while len(samples) < limit:
@@ -314,8 +314,7 @@ def run(model_path, feeds=None, threads=1, runs=None, min_seconds=3.0, warmup=10
             progress(len(samples), t1 - wall0)
             last_report = t1
     wall = time.perf_counter() - wall0
-    cpu1 = os.times()
-    cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    cpu_s = time.process_time() - cpu0
 
     out = {
         "schema": SCHEMA,

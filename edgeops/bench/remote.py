@@ -65,6 +65,18 @@ def run_remote(device, model: Path, feeds_path: Path, s: Settings, *,
                accept_new_host_key: bool = False,
                progress: Callable[[int, float], None] | None = None) -> tuple[dict, dict]:
     """(runner report, device record). `device` is an inventory Device."""
+    runs, record = run_remote_many(device, [(model, feeds_path)], s,
+                                   accept_new_host_key=accept_new_host_key)
+    return runs[0], record
+
+
+def run_remote_many(device, jobs: list[tuple[Path, Path]], s: Settings, *,
+                    accept_new_host_key: bool = False,
+                    progress: Callable[[int, int, str], None] | None = None
+                    ) -> tuple[list[dict], dict]:
+    """Measure several (model, inputs) pairs on one device over one connection, one after
+    the other, each in its own runner process. Returns the runner reports and the device
+    record (address, pinned host key, python/numpy/onnxruntime versions)."""
     from ..fleet.ssh import connect
 
     target = device.ssh_target()
@@ -75,19 +87,26 @@ def run_remote(device, model: Path, feeds_path: Path, s: Settings, *,
         if r.rc != 0 or not r.stdout.strip():
             raise DeviceEnvError(f"{where}: cannot create a work folder: {r.stderr.strip()[:200]}")
         work = r.stdout.strip()
+        runner = posixpath.join(work, "bench_runner.py")
+        out = []
         try:
-            rmodel = posixpath.join(work, model.name)
-            conn.put(RUNNER, posixpath.join(work, "bench_runner.py"))
-            conn.put(model, rmodel)
-            for extra in external_data_files(model):
-                conn.put(extra, posixpath.join(work, extra.name))
-            conn.put(feeds_path, posixpath.join(work, "inputs.npz"))
-            cmd = [device.python, posixpath.join(work, "bench_runner.py"), rmodel,
-                   "--inputs", posixpath.join(work, "inputs.npz"), *s.runner_args()]
-            res = conn.run(cmd, timeout=s.timeout())
+            conn.put(RUNNER, runner)
+            for i, (model, feeds_path) in enumerate(jobs):
+                if progress:
+                    progress(i + 1, len(jobs), model.name)
+                sub = posixpath.join(work, str(i))
+                conn.run(["mkdir", "-p", sub], timeout=30)
+                rmodel = posixpath.join(sub, model.name)
+                conn.put(model, rmodel)
+                for extra in external_data_files(model):
+                    conn.put(extra, posixpath.join(sub, extra.name))
+                rfeeds = posixpath.join(sub, "inputs.npz")
+                conn.put(feeds_path, rfeeds)
+                res = conn.run([device.python, runner, rmodel, "--inputs", rfeeds,
+                                *s.runner_args()], timeout=s.timeout())
+                out.append(parse_runner(res.rc, res.stdout, res.stderr, where))
         finally:
             conn.run(f"rm -rf {shlex.quote(work)}", timeout=30)
-        run = parse_runner(res.rc, res.stdout, res.stderr, where)
         record = {"name": device.name, "host": target.host, "port": target.port,
                   "user": target.user, "host_key": conn.host_key, **versions}
-    return run, record
+    return out, record
