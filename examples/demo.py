@@ -11,6 +11,10 @@ the same `edgeops` commands a user would type, printing each one:
   4. what edgeops refuses: a malicious pickle (never executed), a bare state dict,
      a truncated file -- each with one line and a nonzero exit code
   5. a parity breach made visible: the same conversion with a zero tolerance exits 1
+  6. quantize within an accuracy budget; 7. prune + distill
+  8. latency: measured here with a p99 budget, predicted for a Raspberry Pi 4 (uncalibrated,
+     wide interval), host calibrated on the suite, and measured on a real sshd device under a
+     25 % CPU quota (when run as root)
 
 Outputs go to ./demo-out (or the folder given as the first argument).
 """
@@ -30,16 +34,47 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "demo-out").resolve()
 EDGEOPS = [sys.executable, "-m", "edgeops"]
+# the demo keeps its state (device inventory, calibrated profiles) in its own folder
+ENV = dict(os.environ, EDGEOPS_HOME=str(OUT / "edgeops-home"))
 
 
 def run(*args: str, expect: int = 0) -> None:
     shown = "edgeops " + " ".join(shlex.quote(str(a)) for a in args)
     print(f"\n$ {shown}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([*EDGEOPS, *map(str, args)], cwd=OUT)
+    proc = subprocess.run([*EDGEOPS, *map(str, args)], cwd=OUT, env=ENV)
     print(f"[exit {proc.returncode}, {time.perf_counter() - t0:.1f}s]", flush=True)
     if proc.returncode != expect:
         sys.exit(f"demo: expected exit {expect} from: {shown}")
+
+
+def on_device() -> None:
+    """A real OpenSSH device on loopback (the test bed, TESTBED.md), held to 25 % of a core:
+    enrol it with its host key pinned, then run the same benchmark there over SSH."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    if os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists():
+        print("\n(skipping the on-device part: it starts a real sshd device and needs root "
+              "and openssh-server, which ./dev installs when run as root)")
+        return
+    import tempfile
+
+    from testbed import Testbed
+
+    root = Path(tempfile.mkdtemp(prefix="edgeops-demo-device-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    bed = Testbed(root)
+    try:
+        dev = bed.add_device("pi", cpu_quota=0.25)
+        print(f"\n(started a device: sshd on 127.0.0.1:{dev.port}, user {dev.user}, "
+              "CPU quota 25 % of one core)")
+        run("devices", "add", "pi", "--ssh", dev.spec, "--key", dev.key_path,
+            "--host-key", dev.host_key, "--python", dev.python, "--replace")
+        run("bench", "digits_cnn.onnx", "--device", "pi", "--min-seconds", "2")
+        # the device answers with its own environment; an unreachable one is one line, exit 3
+        run("bench", "digits_cnn.onnx", "--ssh", "nobody@127.0.0.1:1", "--key", dev.key_path,
+            expect=3)
+    finally:
+        bed.close()
 
 
 def digits():
@@ -159,6 +194,17 @@ def main() -> None:
     run("optimize", "digits_cnn.onnx", "--prune", "0.5", "--distill", "--data", "digits_train.npz",
         "--epochs", "20", "--lr", "0.01", "--eval", "digits_eval.npz", "--labels", "y",
         "-o", "digits_cnn.pruned.onnx")
+
+    print("\n== 8. latency: measured here, predicted for a Raspberry Pi 4, measured on a device")
+    run("targets", "list")
+    run("bench", "digits_cnn.onnx", "--min-seconds", "2", "--budget-ms", "5", "--percentile", "p99")
+    run("bench", "digits_cnn.onnx", "--target", "rpi4", "--predict", "--budget-ms", "5")
+    # fit this machine's efficiency factors on the fixed suite, then predict with them
+    run("targets", "calibrate", "host", "--local", "--seconds", "0.5")
+    run("bench", "digits_cnn.onnx", "--target", "host", "--predict")
+    # a budget breach exits 1
+    run("bench", "digits_cnn.onnx", "--runs", "200", "--budget-ms", "0.0001", expect=1)
+    on_device()
 
     print("\n== the conversion matrix on this machine")
     run("formats")
