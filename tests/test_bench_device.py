@@ -155,3 +155,16 @@ def test_device_failures_are_one_clear_line(case, model, device, testbed, home, 
     assert r.exit_code == 3, r.output
     assert needle in r.output.lower(), r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 2
+
+
+def test_external_data_travels_with_the_model(model, device, home, tmp_path):
+    """A model whose weights live in a side file (models > 2 GB must) runs on the device."""
+    m = onnx.load(str(model))
+    dst = tmp_path / "ext" / "mlp_ext.onnx"
+    dst.parent.mkdir()
+    onnx.save(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="mlp_ext.weights", size_threshold=0)
+    dev = _enrol("ext", device, home)
+    rep = bench(dst, settings=Settings(runs=5, warmup=1), device=dev)
+    assert rep.measurement["runs"] == 5
+    assert rep.model["size_bytes"] > dst.stat().st_size          # weights counted too

@@ -336,15 +336,8 @@ class Testbed:
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
             dev.proc, dev.pid = proc, proc.pid
-            end = time.monotonic() + 10
-            while time.monotonic() < end and proc.poll() is None:
-                try:
-                    with socket.create_connection((dev.host, dev.port), timeout=1) as s:
-                        s.settimeout(2)
-                        if s.recv(8).startswith(b"SSH-"):
-                            return
-                except OSError:
-                    time.sleep(0.01)
+            if _wait_banner(dev.host, dev.port, proc):
+                return
             log = dev.log.read_text() if dev.log.exists() else ""
             if proc.poll() is None:
                 _stop_popen(proc)
@@ -411,17 +404,8 @@ class Testbed:
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
             link.pid = proc.pid
-            end = time.monotonic() + 10
-            while True:
-                try:
-                    with socket.create_connection((link.host, link.port), timeout=1) as s:
-                        s.settimeout(2)
-                        if s.recv(8).startswith(b"SSH-"):
-                            break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > end:
-                        raise RuntimeError(f"sshd in namespace {link.ns} did not start")
-                    time.sleep(0.02)
+            if not _wait_banner(link.host, link.port, proc):
+                raise RuntimeError(f"sshd in namespace {link.ns} did not start")
             yield link
         finally:
             sessions = _descendants(proc.pid, _procs()) if proc is not None else set()
@@ -485,6 +469,21 @@ class Testbed:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _wait_banner(host: str, port: int, proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """True once sshd at host:port greets with its SSH banner; False if it exits or the
+    bounded wait ends first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            with socket.create_connection((host, port), timeout=1) as s:
+                s.settimeout(2)
+                if s.recv(8).startswith(b"SSH-"):
+                    return True
+        except OSError:
+            time.sleep(0.01)
+    return False
 
 
 def _stop_popen(proc: subprocess.Popen) -> None:
