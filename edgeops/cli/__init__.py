@@ -66,7 +66,7 @@ def cli(debug: bool) -> None:
     """edgeops: convert, verify and ship ML models to edge devices.
 
     Exit codes: 0 ok, 1 verification failed or a budget not met, 2 usage or input error,
-    3 environment (missing extra), 70 internal error.
+    3 environment (missing extra, unreachable or unready device), 70 internal error.
     """
 
 
