@@ -35,6 +35,13 @@ REQUIRED = {
                    "parallel": (int, float)},
 }
 
+# optional keys (validated when present; edgeops.bench.estimate supplies the defaults)
+OPTIONAL = {
+    "memory": {"cache_mb": (int, float), "l2_mb": (int, float)},
+    "efficiency": {"norm": (int, float), "llc": (int, float), "dram": (int, float),
+                   "kernel_overhead_us": (int, float)},
+}
+
 
 @dataclass
 class Profile:
@@ -90,6 +97,13 @@ def _validate(data: dict, path: Path) -> None:
             if isinstance(val, (int, float)) and not isinstance(val, bool) and \
                     (not math.isfinite(val) or val < 0):
                 raise UsageError(f"{path}: `{where}` must be a finite number >= 0, got {val!r}")
+    for table, keys in OPTIONAL.items():
+        sect = data.get(table) or {}
+        for key, typ in keys.items():
+            if key in sect:
+                val = sect[key]
+                if not isinstance(val, typ) or isinstance(val, bool) or not math.isfinite(val) or val < 0:
+                    raise UsageError(f"{path}: `{table}.{key}` must be a finite number >= 0, got {val!r}")
     if data["kind"] not in ("device", "host"):
         raise UsageError(f"{path}: `kind` is 'device' or 'host', got {data['kind']!r}")
     if data["kind"] == "device" and not data["sources"]:

@@ -86,18 +86,19 @@ def test_summarize_matches_numpy_and_flags_noise():
 # ----------------------------------------------------------------------------- measured here
 
 def test_local_measurement_report(small):
-    rep = bench(small, settings=Settings(runs=200, warmup=5))
+    rep = bench(small, settings=Settings(min_seconds=0.5, warmup=5))
     d = rep.to_dict()
     assert set(d) == REPORT_KEYS
     assert d["mode"] == "measured" and d["where"] == "local" and d["prediction"] is None
     m = d["measurement"]
-    assert m["runs"] == 200 and m["phases"]["warmup_runs"] == 5
+    assert m["runs"] >= 10 and m["phases"]["warmup_runs"] == 5
+    assert m["phases"]["steady_seconds"] >= 0.5
     assert m["phases"]["session_create_ms"] > 0 and m["phases"]["first_inference_ms"] > 0
     lat = m["latency_ms"]
     vals = [lat[k] for k in STATS]
     assert vals == sorted(vals) and lat["min"] > 0
     assert m["throughput_ips"] > 0 and m["peak_rss_mb"] > m["rss_before_session_mb"] > 0
-    assert 0 < m["cpu_percent"] < 250
+    assert 0 < m["cpu_percent"] < 220
     env = d["environment"]
     assert env["onnxruntime"] == __import__("onnxruntime").__version__
     assert env["threads"] == 1 and env["logical_cores"] >= 1 and env["affinity"]

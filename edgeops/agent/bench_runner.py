@@ -28,6 +28,7 @@ import time
 SCHEMA = "edgeops.bench-run/1"
 RUNNER_VERSION = 1
 MIN_STEADY_RUNS = 10
+MIN_CPU_WINDOW_S = 0.25
 
 
 def _read(path, default=None):
@@ -329,7 +330,9 @@ def run(model_path, feeds=None, threads=1, runs=None, min_seconds=3.0, warmup=10
             "steady_seconds": wall,
         },
         "throughput_ips": len(samples) / wall if wall > 0 else None,
-        "cpu_percent": 100.0 * cpu_s / wall if wall > 0 else None,
+        # per-thread CPU time is only brought up to date at scheduler ticks (~4 ms), so a
+        # share over a very short window is meaningless
+        "cpu_percent": 100.0 * cpu_s / wall if wall >= MIN_CPU_WINDOW_S else None,
         "rss_before_session_mb": rss0,
         "peak_rss_mb": _peak_rss_mb(),
         "environment": env,

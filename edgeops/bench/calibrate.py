@@ -4,6 +4,7 @@ efficiency factors, save the calibrated profile under $EDGEOPS_HOME/targets."""
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -48,12 +49,17 @@ def _profile(name: str, base: str | None, device) -> targets.Profile:
 
 
 def calibrate(name: str, *, device=None, base: str | None = None, threads: int = 1,
-              seconds: float = 1.0, accept_new_host_key: bool = False,
+              seconds: float = 1.0, rounds: int = 3, accept_new_host_key: bool = False,
               progress: Callable[[int, int, str], None] | None = None) -> dict:
     from . import estimate, suite
 
     prof = _profile(name, base, device)
-    s = Settings(threads=threads, min_seconds=seconds, warmup=10)
+    if rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {rounds}")
+    # each model is timed in `rounds` short rounds, round-robin over the suite, and its
+    # median over rounds is fitted: a neighbour's burst on a shared machine then spoils one
+    # round of a few models instead of one model's only number
+    s = Settings(threads=threads, min_seconds=seconds / rounds, warmup=10)
     s.check()
     models = suite.build_suite(home() / "cache" / "calibration-suite")
     if len(models) > MAX_SUITE:
@@ -64,20 +70,24 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
             feeds = suite.suite_feeds(m.path)
             shapes.append({k: tuple(v.shape) for k, v in feeds.items()})
             jobs.append((Path(m.path), write_feeds(feeds, Path(tmp) / f"{m.name}.npz")))
+        all_jobs = jobs * rounds
+        n = len(all_jobs)
         if device is None:
             runs = []
-            for i, (mp, fp) in enumerate(jobs):
+            for i, (mp, fp) in enumerate(all_jobs):
                 if progress:
-                    progress(i + 1, len(jobs), mp.name)
+                    progress(i + 1, n, mp.name)
                 runs.append(run_local(mp, fp, s))
             where, record = "this machine", None
         else:
             from .remote import run_remote_many
 
-            runs, record = run_remote_many(device, jobs, s, accept_new_host_key=accept_new_host_key,
+            runs, record = run_remote_many(device, all_jobs, s, accept_new_host_key=accept_new_host_key,
                                            progress=progress)
             where = f"device {device.name}"
-    p50 = [r["latency_ms"]["p50"] for r in runs]
+    per_model = [[r["latency_ms"]["p50"] for r in runs[k::len(jobs)]] for k in range(len(jobs))]
+    p50 = [statistics.median(v) for v in per_model]
+    runs = runs[:len(jobs)]
     analyses = [estimate.analyze(str(m.path), sh) for m, sh in zip(models, shapes)]
     fitted = estimate.fit(analyses, p50, prof.data, threads=threads)
     env = runs[0]["environment"]
@@ -90,6 +100,8 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
         "cpu_quota_cores": float(env.get("cpu_quota_cores") or 0.0),
         "onnxruntime": str(env.get("onnxruntime")),
         "seconds_per_model": float(seconds),
+        "rounds": int(rounds),
+        "round_spread": [float(round(max(v) / min(v) - 1, 4)) for v in per_model],
         "noisy_models": [m.name for m, r in zip(models, runs) if r["noise"]["noisy"]],
     })
     if device is not None and name not in prof.data["sources"]:
@@ -98,5 +110,6 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
     path = targets.save_calibrated(prof, fitted["efficiency"], cal)
     return {"name": name, "where": where, "path": str(path), "device": record,
             "efficiency": fitted["efficiency"], "calibration": cal,
-            "suite": [{"name": m.name, "measured_p50_ms": v, "noisy": r["noise"]["noisy"]}
-                      for m, v, r in zip(models, p50, runs)]}
+            "suite": [{"name": m.name, "measured_p50_ms": v, "rounds_ms": rr,
+                       "noisy": r["noise"]["noisy"]}
+                      for m, v, rr, r in zip(models, p50, per_model, runs)]}

@@ -91,17 +91,20 @@ def run_remote_many(device, jobs: list[tuple[Path, Path]], s: Settings, *,
         out = []
         try:
             conn.put(RUNNER, runner)
+            sent: dict[tuple[Path, Path], tuple[str, str]] = {}   # each pair is copied once
             for i, (model, feeds_path) in enumerate(jobs):
                 if progress:
                     progress(i + 1, len(jobs), model.name)
-                sub = posixpath.join(work, str(i))
-                conn.run(["mkdir", "-p", sub], timeout=30)
-                rmodel = posixpath.join(sub, model.name)
-                conn.put(model, rmodel)
-                for extra in external_data_files(model):
-                    conn.put(extra, posixpath.join(sub, extra.name))
-                rfeeds = posixpath.join(sub, "inputs.npz")
-                conn.put(feeds_path, rfeeds)
+                if (model, feeds_path) not in sent:
+                    sub = posixpath.join(work, str(len(sent)))
+                    rmodel = posixpath.join(sub, model.name)
+                    conn.put(model, rmodel)                     # put creates the folder
+                    for extra in external_data_files(model):
+                        conn.put(extra, posixpath.join(sub, extra.name))
+                    rfeeds = posixpath.join(sub, "inputs.npz")
+                    conn.put(feeds_path, rfeeds)
+                    sent[(model, feeds_path)] = (rmodel, rfeeds)
+                rmodel, rfeeds = sent[(model, feeds_path)]
                 res = conn.run([device.python, runner, rmodel, "--inputs", rfeeds,
                                 *s.runner_args()], timeout=s.timeout())
                 out.append(parse_runner(res.rc, res.stdout, res.stderr, where))

@@ -190,7 +190,9 @@ def render(d: dict) -> None:
         noise = r["noise"]
         flag = "[bold yellow]NOISY[/]" if noise["noisy"] else "stable"
         out.print(f"CV {r['cv']:.1%} ({flag}), throughput {r['throughput_ips']:,.1f}/s, "
-                  f"peak RSS {r['peak_rss_mb']} MB, CPU {r['cpu_percent']:.0f} %")
+                  f"peak RSS {r['peak_rss_mb']} MB, CPU "
+                  + (f"{r['cpu_percent']:.0f} %" if r["cpu_percent"] is not None
+                     else "- (steady state too short to measure)"))
         if r.get("tail_note"):
             out.print(f"[dim]{_esc(r['tail_note'])}[/]")
         e = d["environment"]
@@ -300,10 +302,12 @@ def targets_show(name, as_json):
               help="Create NAME from this profile's facts when NAME does not exist yet.")
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--seconds", type=float, default=1.0, show_default=True,
-              help="Steady-state seconds per suite model.")
+              help="Steady-state seconds per suite model (split over the rounds).")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Time each model in this many round-robin rounds; the median is fitted.")
 @json_option
 def targets_calibrate(name, local, device_name, ssh_spec, key, device_python, known_hosts,
-                      accept_new_host_key, base, threads, seconds, as_json):
+                      accept_new_host_key, base, threads, seconds, rounds, as_json):
     """Run the fixed suite (<= 20 small models) on the real machine, fit NAME's efficiency
     factors, and save the calibrated profile to $EDGEOPS_HOME/targets/NAME.toml."""
     from ..bench.calibrate import calibrate
@@ -318,7 +322,7 @@ def targets_calibrate(name, local, device_name, ssh_spec, key, device_python, kn
         if not quiet:
             err.print(f"[dim][{i}/{n}] {_esc(label)}[/]")
 
-    rep = calibrate(name, device=dev, base=base, threads=threads, seconds=seconds,
+    rep = calibrate(name, device=dev, base=base, threads=threads, seconds=seconds, rounds=rounds,
                     accept_new_host_key=accept_new_host_key, progress=progress)
     if as_json:
         _json_print(rep)
