@@ -6,8 +6,11 @@ predictions against measurements, on models that are NOT in the calibration suit
 1. Harness accuracy: for each held-out model, the median from `edgeops bench` (the standalone
    runner in a fresh process) and the median of a bare onnxruntime timing loop in this process
    (same session options: 1 intra-op thread, sequential; 10 warm-up runs), in the same run,
-   alternating bare / edgeops in 3 rounds of --seconds/3 each; the median of the round
-   medians is compared. Target: within 3 %.
+   alternating bare / edgeops in 5 rounds of --seconds/5 each. Compared: the median of the
+   round p50s, and the best (lowest) round p50 of each. Target: within 3 %.
+   Interference from other work on a shared machine only ever adds time, so the lowest
+   round is the closest to the machine's own speed; `targets calibrate` fits that too, and
+   the predictions below are compared with the held-out models' lowest round.
 2. Prediction accuracy on this machine: `targets calibrate host --local` on the fixed suite
    (<= 20 onnx.helper models), then `bench --target host --predict` on the held-out models
    (built here with torch, exported with torch.onnx: CNNs, depthwise CNN, MLPs, LSTM, GRU,
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-ROUNDS = 3
+ROUNDS = 5
 
 
 # ----------------------------------------------------------------------------- held-out models
@@ -194,7 +197,7 @@ def print_pred(title, rows, s):
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=2.5)
     ap.add_argument("--no-device", action="store_true", help="skip part 3 (needs root + sshd)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -212,7 +215,8 @@ def main() -> int:
 
         # 1. harness accuracy
         print("\n1. harness: edgeops bench vs a bare onnxruntime loop (same run, 1 thread, p50 ms)")
-        print(f"{'model':<20} {'bare rounds':>26} {'edgeops rounds':>26} {'edgeops/bare':>13}")
+        print(f"{'model':<20} {'bare loop, p50 per round':>40} {'edgeops bench, p50 per round':>40} "
+              f"{'median':>7} {'best':>7}")
         harness, measured = [], {}
         for name, p in models.items():
             f = feeds_of(p)
@@ -222,17 +226,20 @@ def main() -> int:
                 rep = bench(p, settings=Settings(min_seconds=a.seconds / ROUNDS))
                 ours.append(rep.measurement["latency_ms"]["p50"])
             b, e = statistics.median(bare), statistics.median(ours)
-            measured[name] = e
+            measured[name] = min(ours)          # the least-disturbed round (see module doc)
             harness.append({"model": name, "bare_ms": bare, "edgeops_ms": ours,
-                            "ratio": e / b})
-            print(f"{name:<20} {' '.join(f'{x:8.3f}' for x in bare):>26} "
-                  f"{' '.join(f'{x:8.3f}' for x in ours):>26} {e / b - 1:>+13.1%}", flush=True)
+                            "ratio": e / b, "ratio_best": min(ours) / min(bare)})
+            print(f"{name:<20} {' '.join(f'{x:7.3f}' for x in bare):>40} "
+                  f"{' '.join(f'{x:7.3f}' for x in ours):>40} {e / b - 1:>+7.1%} "
+                  f"{min(ours) / min(bare) - 1:>+7.1%}", flush=True)
         dev = [abs(h["ratio"] - 1) for h in harness]
+        best = [abs(h["ratio_best"] - 1) for h in harness]
         spread = max(max(h["bare_ms"]) / min(h["bare_ms"]) - 1 for h in harness)
-        print(f"medians agree within 3 %: {sum(x <= 0.03 for x in dev)}/{len(dev)} models; "
-              f"largest difference {max(dev):.1%}; median difference "
-              f"{statistics.median(dev):.1%}. For scale, the bare loop's own rounds differ by up "
-              f"to {spread:.1%} on this box.")
+        print(f"medians of rounds agree within 3 %: {sum(x <= 0.03 for x in dev)}/{len(dev)} "
+              f"models (largest difference {max(dev):.1%}, median {statistics.median(dev):.1%}); "
+              f"best rounds agree within 3 %: {sum(x <= 0.03 for x in best)}/{len(best)} "
+              f"(largest {max(best):.1%}, median {statistics.median(best):.1%}). For scale, the "
+              f"bare loop's own rounds differ by up to {spread:.1%} on this box.")
         result["harness"] = harness
 
         # 2. prediction on this machine
@@ -281,12 +288,15 @@ def device_part(models, tmp: Path, seconds: float, local: dict) -> dict | None:
               f"calibrated profile quota25 on {c['n_models']} suite models over SSH in "
               f"{time.perf_counter() - t0:.0f} s (leave-one-out median |error| {c['median_abs_loo']:.1%})")
         measured = {}
-        print(f"{'model':<20} {'here ms':>9} {'device ms':>10} {'slower':>7}")
+        print(f"{'model':<20} {'here p50':>9} {'device p50':>11} {'slower':>7} {'device mean':>12}")
         for name, p in models.items():
-            rep = bench(p, settings=Settings(min_seconds=seconds), device=dev)
-            measured[name] = rep.measurement["latency_ms"]["p50"]
-            print(f"{name:<20} {local[name]:>9.3f} {measured[name]:>10.3f} "
-                  f"{measured[name] / local[name]:>6.1f}x", flush=True)
+            reps = [bench(p, settings=Settings(min_seconds=seconds / 3), device=dev)
+                    for _ in range(3)]
+            measured[name] = min(r.measurement["latency_ms"]["p50"] for r in reps)
+            mean = statistics.median(r.measurement["latency_ms"]["mean"] for r in reps)
+            print(f"{name:<20} {local[name]:>9.3f} {measured[name]:>11.3f} "
+                  f"{measured[name] / local[name]:>6.1f}x {mean:>12.3f}", flush=True)
+        rep = reps[-1]
         env = rep.environment
         print(f"device environment: quota {env['cpu_quota_cores']} cores, affinity {env['affinity']}, "
               f"host {env['hostname']}")

@@ -4,7 +4,6 @@ efficiency factors, save the calibrated profile under $EDGEOPS_HOME/targets."""
 from __future__ import annotations
 
 import datetime as dt
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -57,8 +56,9 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
     if rounds < 1:
         raise UsageError(f"--rounds must be >= 1, got {rounds}")
     # each model is timed in `rounds` short rounds, round-robin over the suite, and its
-    # median over rounds is fitted: a neighbour's burst on a shared machine then spoils one
-    # round of a few models instead of one model's only number
+    # least-disturbed round (the lowest round median) is fitted: interference from other
+    # work only ever adds time, so on a shared machine the lowest round is the closest to
+    # the machine's own speed, and a neighbour's burst spoils one round instead of the fit
     s = Settings(threads=threads, min_seconds=seconds / rounds, warmup=10)
     s.check()
     models = suite.build_suite(home() / "cache" / "calibration-suite")
@@ -86,7 +86,7 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
                                            progress=progress)
             where = f"device {device.name}"
     per_model = [[r["latency_ms"]["p50"] for r in runs[k::len(jobs)]] for k in range(len(jobs))]
-    p50 = [statistics.median(v) for v in per_model]
+    p50 = [min(v) for v in per_model]
     runs = runs[:len(jobs)]
     analyses = [estimate.analyze(str(m.path), sh) for m, sh in zip(models, shapes)]
     fitted = estimate.fit(analyses, p50, prof.data, threads=threads)

@@ -304,7 +304,8 @@ def targets_show(name, as_json):
 @click.option("--seconds", type=float, default=1.0, show_default=True,
               help="Steady-state seconds per suite model (split over the rounds).")
 @click.option("--rounds", type=int, default=3, show_default=True,
-              help="Time each model in this many round-robin rounds; the median is fitted.")
+              help="Time each model in this many round-robin rounds; the least-disturbed "
+                   "round's p50 is fitted.")
 @json_option
 def targets_calibrate(name, local, device_name, ssh_spec, key, device_python, known_hosts,
                       accept_new_host_key, base, threads, seconds, rounds, as_json):
