@@ -96,6 +96,20 @@ def test_rnn_flops(kind, gates, direction, dirs):
     n = _node(E.analyze(m), kind)
     assert n.op_class == "rnn"
     assert n.flops == seq * dirs * 2 * gates * hid * (inp + hid)
+    assert n.steps == seq * dirs                      # per-step cost: time steps x directions
+
+
+def test_rnn_step_cost_scales_with_sequence_length():
+    """onnxruntime's LSTM/GRU kernels run small per-timestep GEMMs: a fixed cost per step
+    (rnn_step_us) on top of the FLOPs, so a long thin RNN costs more than its FLOPs say."""
+    def gru(seq, hid):
+        return E.analyze(_model([helper.make_node("GRU", ["x", "W", "R"], ["y"], hidden_size=hid)],
+                                [_vi("x", [seq, 1, 8])], [_vi("y", None)],
+                                [_init("W", (1, 3 * hid, 8)), _init("R", (1, 3 * hid, hid))]))
+    prof = dict(PROFILE, efficiency={**PROFILE["efficiency"], "rnn_step_us": 2.0})
+    a = gru(100, 16)
+    assert E.predict(a, prof).p50_ms - E.predict(a, PROFILE).p50_ms == pytest.approx(100 * 2e-3)
+    assert E.predict(a, PROFILE).by_class_ms["rnn"] < E.predict(a, prof).by_class_ms["rnn"]
 
 
 def test_depthwise_classification():
@@ -167,7 +181,7 @@ def test_unknown_and_subgraph_nodes():
 
 
 def test_predict_labels_and_intervals(suite_analyses):
-    a = next(x for x in suite_analyses if x.name.startswith("conv3x3_m"))
+    a = next(x for x in suite_analyses if x.name.startswith("conv3x3_l"))
     p = E.predict(a, PROFILE)
     d = p.to_dict()
     assert d["label"] == "predicted" and not d["calibrated"]
@@ -188,7 +202,7 @@ def test_predict_labels_and_intervals(suite_analyses):
     pc = E.predict(a, cal)
     assert pc.calibrated and pc.interval_ms[1] / pc.p50_ms == pytest.approx(1.05)
     # classes the calibration never saw widen the interval and are reported
-    g = next(x for x in suite_analyses if x.name.startswith("mlp_l"))
+    g = next(x for x in suite_analyses if x.name.startswith("mlp_m"))
     pg = E.predict(g, cal)
     assert pg.unseen_classes == ["gemm"] and pg.interval_ms[1] / pg.p50_ms > 1.5
 
@@ -197,7 +211,8 @@ def test_fit_recovers_synthetic_truth(suite_analyses):
     truth = dict(PROFILE, efficiency={"conv": 0.62, "depthwise": 0.21, "gemm": 0.8, "rnn": 0.33,
                                       "int8": 0.45, "norm": 0.5, "memory": 2.5, "llc": 1.1,
                                       "dram": 0.45, "node_overhead_us": 0.9,
-                                      "kernel_overhead_us": 1.5, "run_overhead_us": 6.0,
+                                      "kernel_overhead_us": 1.5, "rnn_step_us": 0.4,
+                                      "run_overhead_us": 6.0,
                                       "parallel": 0.85})
     meas = [E.predict(a, truth).p50_ms for a in suite_analyses]
     res = E.fit(suite_analyses, meas, PROFILE)
@@ -210,6 +225,7 @@ def test_fit_recovers_synthetic_truth(suite_analyses):
         assert E.predict(a, fitted).p50_ms == pytest.approx(m, rel=0.02)
     assert cal["median_abs_prior"] > 0.2                    # the prior was really wrong
     assert cal["dram_seen"]                                 # the suite has a model beyond the cache
+    assert res["efficiency"]["rnn_step_us"] == pytest.approx(0.4, rel=0.1)
     for v in list(res["efficiency"].values()) + [x for x in cal.values() if not isinstance(x, list)]:
         assert isinstance(v, (str, int, float, bool))        # TOML-friendly
     assert all(isinstance(x, (str, int, float)) for v in cal.values() if isinstance(v, list) for x in v)

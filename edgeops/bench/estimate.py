@@ -51,6 +51,9 @@ Cost model
 per node   t = max(FLOPs / (peak_class * eff_class),
                    near / (bw * eff_memory) + llc / (bw * eff_llc) + dram / (bw * eff_dram))
                + node_overhead_us (+ kernel_overhead_us for conv/depthwise/gemm/rnn/int8)
+               (+ rnn_step_us x time steps x directions for LSTM/GRU/RNN: onnxruntime's
+               recurrent kernels run two small GEMMs and the gate math once per step, so a long
+               thin RNN costs more per FLOP than a short wide one)
 total      sum(t) + run_overhead_us
 Bytes are split by where they come from on a steady-state run: activations and the weights that
 fit in the per-core cache ("near"), weights that only fit in the last-level cache ("llc"),
@@ -61,7 +64,8 @@ bytes = (min(F, C3) - C2) / F, dram share = (F - C3) / F.
 peak_class = freq_ghz * fp32_flops_per_cycle (int8_ops_per_cycle for "int8") per core;
 bw = memory.bandwidth_gbs. With threads > 1 both are multiplied by
 min(threads, cores) * parallel ** (threads - 1) (Amdahl-like decay per extra thread; overheads
-do not scale). The memory efficiency may exceed 1 after calibration (up to 8): small working
+do not scale). When the fit has no model whose weights spill past L2 into the LLC, the LLC
+efficiency is tied to the near-cache one rather than left at the prior. The memory efficiency may exceed 1 after calibration (up to 8): small working
 sets stay in cache, whose bandwidth is above the DRAM peak the profile states.
 """
 
@@ -77,12 +81,15 @@ CLASSES = ("conv", "depthwise", "gemm", "rnn", "int8", "norm", "memory")
 COMPUTE_CLASSES = ("conv", "depthwise", "gemm", "rnn", "int8", "norm")
 _KERNEL_CLASSES = ("conv", "depthwise", "gemm", "rnn", "int8")   # pay kernel_overhead_us
 
-# "norm", "dram" and "kernel_overhead_us" are optional profile keys (defaults below)
+# "norm", "llc", "dram", "kernel_overhead_us" and "rnn_step_us" are optional profile keys
+# (defaults below)
 DEFAULT_EFFICIENCY = {"conv": 0.30, "depthwise": 0.08, "gemm": 0.35, "rnn": 0.15, "int8": 0.25,
                       "norm": 0.30, "memory": 0.40, "llc": 0.40, "dram": 0.40, "node_overhead_us": 4.0,
-                      "kernel_overhead_us": 0.0, "run_overhead_us": 15.0, "parallel": 0.85}
+                      "kernel_overhead_us": 0.0, "rnn_step_us": 0.0, "run_overhead_us": 15.0,
+                      "parallel": 0.85}
 DEFAULT_CACHE_MB = 2.0           # last-level cache when the profile has no memory.cache_mb
 FIT_KERNEL_OVERHEAD = True       # fit a fixed cost per compute-class kernel call
+FIT_RNN_STEP = True              # fit a fixed cost per recurrent time step (and direction)
 
 # nominal vector operations per output element of the "norm" class (reductions, exp/erf
 # polynomials, a divide or rsqrt). Ratios from single-op timings of onnxruntime 1.32 CPU
@@ -105,7 +112,7 @@ EFF_BOUNDS["memory"] = (0.005, 8.0)
 EFF_BOUNDS["llc"] = (0.005, 8.0)
 EFF_BOUNDS["dram"] = (0.005, 2.0)
 OVERHEAD_BOUNDS = {"node_overhead_us": (0.0, 200.0), "kernel_overhead_us": (0.0, 200.0),
-                   "run_overhead_us": (0.0, 5000.0)}
+                   "rnn_step_us": (0.0, 100.0), "run_overhead_us": (0.0, 5000.0)}
 
 UNCALIBRATED_FACTOR = 2.0        # uncalibrated interval: [p50 / 2, p50 * 2]
 MIN_REL_ERR = 0.05               # calibrated interval never narrower than +-5 %
@@ -138,6 +145,7 @@ class NodeCost:
     fused_into: str | None = None
     in_subgraph: bool = False
     weight_bytes: int = 0           # part of `bytes` read from initializers / constants
+    steps: int = 0                  # recurrent time steps x directions (LSTM / GRU / RNN)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -391,6 +399,7 @@ class _Walker:
             layout = _attr(n, "layout", 0) or 0
             seq, batch = (x[0], x[1]) if layout == 0 else (x[1], x[0])
             dirs = 2 if (_attr(n, "direction", b"forward") in (b"bidirectional", "bidirectional")) else 1
+            self.last_steps = int(seq) * dirs
             return seq * batch * dirs * 2 * _RNN_GATES[op] * int(h) * (int(x[2]) + int(h))
         if out is None:
             return None
@@ -458,7 +467,9 @@ class _Walker:
                 out.extend(self.control_flow(n, name, subs, scale))
                 continue
             cls = self.op_class(n)
+            self.last_steps = 0
             f = self.flops(n)
+            steps = self.last_steps
             wb = 0
             if n.op_type in _ALIAS or n.op_type == "Shape" or n.op_type in _NOOP:
                 b = 0
@@ -471,7 +482,7 @@ class _Walker:
             if not known and status == "run":
                 self.unknown.append(name)
             out.append(NodeCost(name, n.op_type, cls, scale * (f or 0), scale * (b or 0), status,
-                                scale, known, weight_bytes=scale * wb))
+                                scale, known, weight_bytes=scale * wb, steps=scale * steps))
         for rec in out:
             rec.in_subgraph = rec.in_subgraph or self.depth > 0
         return out
@@ -575,6 +586,20 @@ def _fuse(graph, nodes: list[NodeCost], ts: _Tensors) -> None:
         if rec.status != "run":
             continue
         op = n.op_type
+        if op == "MatMul":
+            # Transpose of the last two axes feeding only a MatMul -> FusedMatMul (transA/B),
+            # also through a scalar Mul (the attention scale), which becomes its alpha
+            for k in (0, 1):
+                t = single_src(i, k)
+                if t is not None and node_list[t].op_type == "Mul" and recs[t].status == "run" \
+                        and const_input(t) and all(ts.numel(c) == 1 for c in const_input(t)):
+                    fuse(t, i)
+                    t = single_src(t, 0)
+                if t is not None and node_list[t].op_type == "Transpose" and recs[t].status == "run":
+                    perm = list(_attr(node_list[t], "perm", []) or [])
+                    r = len(perm)
+                    if r >= 2 and perm[:-2] == list(range(r - 2)) and perm[-2:] == [r - 1, r - 2]:
+                        fuse(t, i)
         j = single_src(i, 0)
         if j is None and op in ("Add", "Mul"):
             j = single_src(i, 1)
@@ -599,13 +624,16 @@ def _fuse(graph, nodes: list[NodeCost], ts: _Tensors) -> None:
         elif src_cls == "int8" and op in ("Cast", "Mul", "Add", "QuantizeLinear"):
             fuse(i, r)
 
-    # LayerNormalization fed by a residual Add of two activations -> SkipLayerNormalization;
+    # LayerNormalization fed by a residual Add of two activations -> SkipLayerNormalization,
+    # only when the LayerNorm is the sum's sole consumer (post-norm blocks): in pre-norm
+    # blocks the sum also feeds the next residual, and onnxruntime 1.32 keeps Add and
+    # LayerNormalization apart (checked on its optimized graph of a pre-norm encoder);
     # Div -> Erf -> Add -> Mul -> Mul (exact GELU) -> Gelu
     for i, n in enumerate(node_list):
         if recs[i].status != "run":
             continue
         if n.op_type == "LayerNormalization" and n.input:
-            j = producer.get(n.input[0])
+            j = single_src(i, 0)
             if j is not None and recs[j].status == "run" and node_list[j].op_type == "Add" \
                     and not const_input(j):
                 a, b = (ts.numel(t) for t in node_list[j].input[:2])
@@ -840,10 +868,11 @@ def _peaks(profile: dict, threads: int, eff: dict) -> tuple[dict, float]:
 
 # parameter vector of the fit: inverse efficiency per class, inverse DRAM efficiency, then the
 # overheads in seconds (per executed node, per compute-class node, per run)
-_NP = len(CLASSES) + 2 + 3
+_NP = len(CLASSES) + 2 + 4
 _I_MEM, _I_LLC, _I_DRAM = CLASSES.index("memory"), len(CLASSES), len(CLASSES) + 1
-_I_NODE, _I_KERN, _I_RUN = len(CLASSES) + 2, len(CLASSES) + 3, len(CLASSES) + 4
-_OH_KEYS = ("node_overhead_us", "kernel_overhead_us", "run_overhead_us")
+_I_NODE, _I_KERN, _I_STEP, _I_RUN = (len(CLASSES) + 2, len(CLASSES) + 3, len(CLASSES) + 4,
+                                     len(CLASSES) + 5)
+_OH_KEYS = ("node_overhead_us", "kernel_overhead_us", "rnn_step_us", "run_overhead_us")
 
 
 def _node_parts(n: NodeCost, peaks: dict, bw: float, frac) -> tuple[float, float, float, float]:
@@ -864,6 +893,7 @@ class _Flat:
         model, cls, tc, tmc, tml, tmd = [], [], [], [], [], []
         self.n_exec = np.zeros(len(analyses))
         self.n_kern = np.zeros(len(analyses))
+        self.n_step = np.zeros(len(analyses))       # recurrent steps (per-step cost)
         for k, a in enumerate(analyses):
             frac = cache_fractions(a, profile)
             for n in a.nodes:
@@ -871,6 +901,8 @@ class _Flat:
                     self.n_exec[k] += n.count
                 if n.status == "run" and n.op_class in _KERNEL_CLASSES:
                     self.n_kern[k] += n.count
+                if n.status == "run":
+                    self.n_step[k] += n.steps
                 if n.status != "run" or not (n.flops or n.bytes):
                     continue
                 c, m, ll, d = _node_parts(n, peaks, bw, frac)
@@ -897,7 +929,7 @@ class _Flat:
     def totals(self, x):
         t, _ = self.node_times(x)
         return (np.bincount(self.model, weights=t, minlength=self.n) + self.n_exec * x[_I_NODE]
-                + self.n_kern * x[_I_KERN] + x[_I_RUN])
+                + self.n_kern * x[_I_KERN] + self.n_step * x[_I_STEP] + x[_I_RUN])
 
 
 def _xvec(eff: dict) -> np.ndarray:
@@ -912,7 +944,7 @@ def predict(analysis: Analysis, profile: dict, threads: int = 1) -> Prediction:
     peaks, bw = _peaks(profile, threads, eff)
     x = _xvec(eff)
     frac = cache_fractions(analysis, profile)
-    node_oh, kern_oh = x[_I_NODE], x[_I_KERN]
+    node_oh, kern_oh, step_oh = x[_I_NODE], x[_I_KERN], x[_I_STEP]
     by_class = {c: 0.0 for c in CLASSES}
     costs = []
     n_kern = 0
@@ -922,7 +954,7 @@ def predict(analysis: Analysis, profile: dict, threads: int = 1) -> Prediction:
         c, m, ll, d = _node_parts(n, peaks, bw, frac)
         tc = c * x[CLASSES.index(n.op_class)]
         tm = m * x[_I_MEM] + ll * x[_I_LLC] + d * x[_I_DRAM]
-        t = max(tc, tm)
+        t = max(tc, tm) + (n.steps * step_oh if n.status == "run" else 0.0)
         by_class[n.op_class] += t
         k = n.count if (n.status == "run" and n.op_class in _KERNEL_CLASSES) else 0
         n_kern += k
@@ -1012,8 +1044,18 @@ def _fit_core(flat: _Flat, meas: np.ndarray, prior: np.ndarray, rows: np.ndarray
               seen: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Alternate (bound assignment) <-> (bounded linear LSQ in inverse efficiencies and
     overheads, rows weighted by 1/measured); then a deterministic log-space pattern search on
-    the true max() objective. Parameters not `seen` keep their prior."""
+    the true max() objective. Parameters not `seen` keep their prior, except the LLC
+    bandwidth: when no model exercises it but the near-cache one is fitted, it is tied to that
+    (a cache level is far closer to the next one up than to a generic prior)."""
     lo, hi = _bounds()
+    tie = bool(seen[_I_MEM]) and not bool(seen[_I_LLC])
+
+    def tied(v):
+        if tie:
+            v = v.copy()
+            v[_I_LLC] = v[_I_MEM]
+        return v
+
     x = prior.copy()
     fixed = ~seen
     lo = np.where(fixed, x, lo)
@@ -1023,7 +1065,7 @@ def _fit_core(flat: _Flat, meas: np.ndarray, prior: np.ndarray, rows: np.ndarray
     w = 1.0 / meas[rows]
 
     def objective(xx):
-        pred = flat.totals(xx)[rows]
+        pred = flat.totals(tied(xx))[rows]
         return float(np.sum(((pred - meas[rows]) * w) ** 2))
 
     best, best_obj, it = x.copy(), objective(x), 0
@@ -1034,13 +1076,14 @@ def _fit_core(flat: _Flat, meas: np.ndarray, prior: np.ndarray, rows: np.ndarray
         cb = cbound[sel]
         np.add.at(A, (mi[cb], ci[cb]), flat.tc[sel][cb])
         np.add.at(A, (mi[~cb], np.full((~cb).sum(), _I_MEM)), flat.tmc[sel][~cb])
-        np.add.at(A, (mi[~cb], np.full((~cb).sum(), _I_LLC)), flat.tml[sel][~cb])
+        np.add.at(A, (mi[~cb], np.full((~cb).sum(), _I_MEM if tie else _I_LLC)), flat.tml[sel][~cb])
         np.add.at(A, (mi[~cb], np.full((~cb).sum(), _I_DRAM)), flat.tmd[sel][~cb])
         A[:, _I_NODE] = flat.n_exec
         A[:, _I_KERN] = flat.n_kern
+        A[:, _I_STEP] = flat.n_step
         A[:, _I_RUN] = 1.0
         Aw = A[rows] * w[:, None]
-        x = _bvls(Aw, np.ones(len(rows)), lo, hi, x)
+        x = tied(_bvls(Aw, np.ones(len(rows)), lo, hi, x))
         obj = objective(x)
         if obj < best_obj - 1e-15:
             best, best_obj = x.copy(), obj
@@ -1063,6 +1106,7 @@ def _fit_core(flat: _Flat, meas: np.ndarray, prior: np.ndarray, rows: np.ndarray
                     x, best_obj, improved = y, o, True
         if not improved:
             step /= 2
+    x = tied(x)
     return x, flat.totals(x), it
 
 
@@ -1098,6 +1142,7 @@ def fit(analyses: list[Analysis], measured_p50_ms: list[float], profile: dict, t
         s = share >= 0.02
         s[_I_NODE] = s[_I_RUN] = True
         s[_I_KERN] = FIT_KERNEL_OVERHEAD and int(np.sum(flat.n_kern[rows] > 0)) >= 2
+        s[_I_STEP] = FIT_RNN_STEP and int(np.sum(flat.n_step[rows] > 0)) >= 2
         return s
 
     all_rows = np.arange(len(analyses))
@@ -1119,7 +1164,7 @@ def fit(analyses: list[Analysis], measured_p50_ms: list[float], profile: dict, t
     efficiency = {c: float(round(1.0 / x[k], 6)) for k, c in enumerate(CLASSES)}
     efficiency["llc"] = float(round(1.0 / x[_I_LLC], 6))
     efficiency["dram"] = float(round(1.0 / x[_I_DRAM], 6))
-    for k, i in zip(_OH_KEYS, (_I_NODE, _I_KERN, _I_RUN)):
+    for k, i in zip(_OH_KEYS, (_I_NODE, _I_KERN, _I_STEP, _I_RUN)):
         efficiency[k] = float(round(x[i] * 1e6, 4))
     efficiency["parallel"] = float(eff["parallel"])
 

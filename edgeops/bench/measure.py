@@ -211,6 +211,12 @@ def bench(model: str | Path, *, settings: Settings | None = None, inputs: str | 
         pred["label"] = "predicted"
         rep = BenchReport(mode="predicted", where="target", model=info,
                           settings=s.to_dict(), prediction=pred, target=prof.summary())
+        cal_threads = (prof.data.get("calibration") or {}).get("threads")
+        if prof.calibrated and cal_threads and int(cal_threads) != s.threads:
+            rep.warnings.append(f"{prof.name} was calibrated at {cal_threads} thread(s); at "
+                                f"{s.threads} the scaling uses the profile's `parallel` prior, "
+                                "which calibration did not fit (calibrate with --threads "
+                                f"{s.threads} for a fitted answer)")
         if not prof.calibrated:
             rep.warnings.append(f"target {prof.name!r} is not calibrated: the efficiency factors "
                                 "are priors from public specs, so the interval is wide "

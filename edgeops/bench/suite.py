@@ -3,16 +3,18 @@
 Every op class of `edgeops.bench.estimate` appears at several sizes, so each efficiency
 factor (and the per-node / per-run overheads) is identifiable from the suite's timings:
 
-* dense 3x3 convolutions at three channel/resolution sizes, a 1x1 (pointwise) stack;
+* dense 3x3 convolutions and a 1x1 (pointwise) stack;
 * depthwise-separable blocks at two sizes;
-* MLPs (Gemm) at batch 1 (GEMV: weight-bandwidth bound) -- one of them with 64 MiB of weights,
-  more than the last-level cache of most CPUs, so the DRAM efficiency is identifiable -- and
-  token-batched MatMul+Add;
+* MLPs (Gemm) at batch 1 (GEMV: weight-bandwidth bound), one per memory tier: 0.3 MiB
+  (L2-resident), 6.5 MiB (spills L2, stays in the last-level cache) and 64 MiB (beyond the
+  last-level cache of most CPUs), so near-cache, LLC and DRAM efficiencies are identifiable;
 * transformer-like blocks (MatMul, Softmax, MatMul, residual + LayerNorm, FFN) at two lengths;
-* LSTM and GRU of different hidden sizes and sequence lengths;
+* LSTM and GRU of different hidden sizes and sequence lengths, one long and thin (GRU, 160
+  steps of hidden 32) so the per-step cost separates from the per-FLOP one;
 * a memory-bound elementwise / norm / pool chain (Sigmoid, Tanh, LayerNormalization: "norm");
-* tiny models that expose the per-node (50 chained Adds) and per-run (one Add) overhead;
-* two int8 models: `quantize_dynamic` of an MLP and `quantize_static` (QDQ) of a small CNN.
+* tiny chains of 1, 8 and 50 Adds for the per-run and per-node overheads (three, so leaving
+  one out still identifies both);
+* three int8 models: `quantize_dynamic` of an MLP and `quantize_static` (QDQ) of two CNNs.
 
 Weights come from a fixed numpy seed, opset 17, static input shapes, batch 1. Models are
 written to `out_dir` as NAME-HASH.onnx, the hash being over the serialized model (for the
@@ -217,30 +219,30 @@ def _tiny_chain(name, seed, n):
 
 
 _FLOAT = {
-    "conv3x3_s": lambda: _cnn("conv3x3_s", 1, 56, (16, 32), 2),
-    "conv3x3_m": lambda: _cnn("conv3x3_m", 2, 28, (64, 64), 3),
     "conv3x3_l": lambda: _cnn("conv3x3_l", 3, 56, (32, 64), 3),
     "conv1x1": lambda: _pointwise(5),
     "dwsep_s": lambda: _dwsep("dwsep_s", 6, 56, 32, 2),
     "dwsep_l": lambda: _dwsep("dwsep_l", 7, 28, 128, 3),
     "mlp_s": lambda: _mlp("mlp_s", 8, (256, 256, 256, 10)),
-    "mlp_l": lambda: _mlp("mlp_l", 9, (1024, 2048, 1024)),
+    "mlp_m": lambda: _mlp("mlp_m", 9, (640, 1280, 640)),
     "mlp_xl": lambda: _mlp("mlp_xl", 4, (2048, 4096, 2048)),
-    "mlp_tokens": lambda: _tokens_mlp(10),
     "attn_s": lambda: _attention("attn_s", 11, 64, 128, 4),
     "attn_l": lambda: _attention("attn_l", 12, 256, 128, 4),
     "lstm_s": lambda: _rnn("lstm_s", 13, "LSTM", 16, 64, 128),
     "lstm_l": lambda: _rnn("lstm_l", 14, "LSTM", 48, 128, 256),
     "gru": lambda: _rnn("gru", 15, "GRU", 32, 64, 192),
+    "gru_s": lambda: _rnn("gru_s", 1, "GRU", 160, 16, 32),
     "memchain": lambda: _memchain(16),
     "tiny_chain": lambda: _tiny_chain("tiny_chain", 17, 50),
-    "tiny_one": lambda: _tiny_chain("tiny_one", 18, 1),
+    "tiny_chain_s": lambda: _tiny_chain("tiny_chain_s", 18, 8),
+    "tiny_one": lambda: _tiny_chain("tiny_one", 10, 1),
 }
 
 # int8 models: (name, float builder, recipe)
 _INT8 = {
     "int8_dyn_mlp": (lambda: _mlp("mlp_q", 19, (512, 1024, 1024, 256)), "dynamic"),
     "int8_qdq_cnn": (lambda: _cnn("cnn_q", 20, 28, (32, 64), 3), "static"),
+    "int8_qdq_cnn_s": (lambda: _cnn("cnn_qs", 2, 56, (16, 32), 2), "static"),
 }
 
 
