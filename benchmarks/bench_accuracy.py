@@ -18,8 +18,11 @@ predictions against measurements, on models that are NOT in the calibration suit
    median absolute error; the uncalibrated prior is shown for comparison.
 3. The same on a device under a 25 % CPU quota: a real OpenSSH sshd device started with the
    test bed (tests/testbed.py, needs root, openssh-server and cgroup-tools), a new profile
-   calibrated there (`targets calibrate quota25 --device D --base host`), then the held-out
-   models measured on the device over SSH and predicted with that profile.
+   calibrated there (`targets calibrate quota25 --device D --base host --statistic mean`),
+   then the held-out models measured on the device over SSH and predicted with that profile.
+   Under a CFS quota latency is bimodal (runs shorter than the burst the kernel lets through
+   are not slowed, longer ones wait for the next period), so the median of short models does
+   not follow the quota; the mean does, and that is what is calibrated and compared there.
 Everything runs in a private EDGEOPS_HOME, so the user's calibrated profiles are untouched.
 """
 
@@ -152,6 +155,7 @@ def feeds_of(path: Path) -> dict:
 
 
 def prediction_rows(models, measured, target, threads=1):
+    from edgeops.bench.report import predicted_value
     from edgeops.bench.measure import bench
     from edgeops import targets as tg
     from edgeops.bench import estimate
@@ -165,8 +169,9 @@ def prediction_rows(models, measured, target, threads=1):
         pr = bench(p, target=target, predict=True).prediction
         pp = estimate.predict(estimate.analyze(str(p), None), prior, threads).p50_ms
         m = measured[name]
-        rows.append({"model": name, "measured_ms": m, "predicted_ms": pr["p50_ms"],
-                     "interval_ms": pr["interval_ms"], "error": pr["p50_ms"] / m - 1,
+        v = predicted_value(pr)[1]
+        rows.append({"model": name, "measured_ms": m, "predicted_ms": v,
+                     "interval_ms": pr["interval_ms"], "error": v / m - 1,
                      "in_interval": pr["interval_ms"][0] <= m <= pr["interval_ms"][1],
                      "prior_error": pp / m - 1})
     return rows
@@ -282,7 +287,11 @@ def device_part(models, tmp: Path, seconds: float, local: dict) -> dict | None:
         d = tb.add_device("quota25", cpu_quota=0.25)
         dev = enrol("quota25", d.spec, str(d.key_path), host_key=d.host_key, python=d.python)
         t0 = time.perf_counter()
-        cal = calibrate("quota25", device=dev, base="host", seconds=1.0)
+        # under a CFS quota the latency is bimodal: a run shorter than the burst the kernel
+        # lets through (~ a 4 ms tick here) is not slowed at all, a longer one waits ~12 ms,
+        # so the median of short models does not follow the quota but the mean does (it is
+        # CPU time / quota). The profile is therefore calibrated on, and predicts, the mean.
+        cal = calibrate("quota25", device=dev, base="host", seconds=1.0, statistic="mean")
         c = cal["calibration"]
         print(f"\n3. device under a 25 % CPU quota (real sshd on loopback, cgroup cpu quota): "
               f"calibrated profile quota25 on {c['n_models']} suite models over SSH in "
@@ -292,17 +301,18 @@ def device_part(models, tmp: Path, seconds: float, local: dict) -> dict | None:
         for name, p in models.items():
             reps = [bench(p, settings=Settings(min_seconds=seconds / 3), device=dev)
                     for _ in range(3)]
-            measured[name] = min(r.measurement["latency_ms"]["p50"] for r in reps)
-            mean = statistics.median(r.measurement["latency_ms"]["mean"] for r in reps)
-            print(f"{name:<20} {local[name]:>9.3f} {measured[name]:>11.3f} "
-                  f"{measured[name] / local[name]:>6.1f}x {mean:>12.3f}", flush=True)
+            p50 = min(r.measurement["latency_ms"]["p50"] for r in reps)
+            measured[name] = min(r.measurement["latency_ms"]["mean"] for r in reps)
+            print(f"{name:<20} {local[name]:>9.3f} {p50:>11.3f} "
+                  f"{p50 / local[name]:>6.1f}x {measured[name]:>12.3f}", flush=True)
         rep = reps[-1]
         env = rep.environment
         print(f"device environment: quota {env['cpu_quota_cores']} cores, affinity {env['affinity']}, "
               f"host {env['hostname']}")
         rows = prediction_rows(models, measured, "quota25")
         s = summary(rows)
-        print_pred("predicted (quota25, calibrated on the device) vs measured on it", rows, s)
+        print_pred("predicted MEAN (quota25, calibrated on the device's means) vs measured mean "
+                   "on it", rows, s)
         return {"calibration": c, "rows": rows, "summary": s}
     finally:
         tb.close()

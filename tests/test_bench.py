@@ -271,3 +271,15 @@ def test_calibrate_host_locally(big, home):
     p = bench(big, target="host", predict=True).prediction
     lo, hi = p["interval_ms"]
     assert p["calibrated"] and lo < p["p50_ms"] < hi and hi / lo < 4
+
+
+def test_mean_calibrated_profile_predicts_a_mean(big, home):
+    """A profile calibrated on means (e.g. a CPU-quota'd container) never reports a p50."""
+    p = targets.load("rpi4")
+    targets.save_calibrated(p, {}, {"statistic": "mean", "n_models": 20, "p90_abs_loo": 0.2,
+                                    "median_abs_loo": 0.1, "threads": 1})
+    d = bench(big, target="rpi4", predict=True, budget_ms=1e6, percentile="p99").to_dict()
+    pred = d["prediction"]
+    assert pred["statistic"] == "mean" and "p50_ms" not in pred and pred["mean_ms"] > 0
+    assert d["budget"]["basis"] == "predicted mean and its interval"
+    assert any("estimates the mean only" in w for w in d["warnings"])

@@ -48,11 +48,14 @@ def _profile(name: str, base: str | None, device) -> targets.Profile:
 
 
 def calibrate(name: str, *, device=None, base: str | None = None, threads: int = 1,
-              seconds: float = 1.0, rounds: int = 3, accept_new_host_key: bool = False,
+              seconds: float = 1.0, rounds: int = 3, statistic: str = "p50",
+              accept_new_host_key: bool = False,
               progress: Callable[[int, int, str], None] | None = None) -> dict:
     from . import estimate, suite
 
     prof = _profile(name, base, device)
+    if statistic not in ("p50", "mean"):
+        raise UsageError(f"--statistic is p50 or mean, got {statistic!r}")
     if rounds < 1:
         raise UsageError(f"--rounds must be >= 1, got {rounds}")
     # each model is timed in `rounds` short rounds, round-robin over the suite, and its
@@ -85,7 +88,7 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
             runs, record = run_remote_many(device, all_jobs, s, accept_new_host_key=accept_new_host_key,
                                            progress=progress)
             where = f"device {device.name}"
-    per_model = [[r["latency_ms"]["p50"] for r in runs[k::len(jobs)]] for k in range(len(jobs))]
+    per_model = [[r["latency_ms"][statistic] for r in runs[k::len(jobs)]] for k in range(len(jobs))]
     p50 = [min(v) for v in per_model]
     runs = runs[:len(jobs)]
     analyses = [estimate.analyze(str(m.path), sh) for m, sh in zip(models, shapes)]
@@ -101,6 +104,7 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
         "onnxruntime": str(env.get("onnxruntime")),
         "seconds_per_model": float(seconds),
         "rounds": int(rounds),
+        "statistic": statistic,
         "round_spread": [float(round(max(v) / min(v) - 1, 4)) for v in per_model],
         "noisy_models": [m.name for m, r in zip(models, runs) if r["noise"]["noisy"]],
     })
@@ -110,6 +114,6 @@ def calibrate(name: str, *, device=None, base: str | None = None, threads: int =
     path = targets.save_calibrated(prof, fitted["efficiency"], cal)
     return {"name": name, "where": where, "path": str(path), "device": record,
             "efficiency": fitted["efficiency"], "calibration": cal,
-            "suite": [{"name": m.name, "measured_p50_ms": v, "rounds_ms": rr,
+            "suite": [{"name": m.name, f"measured_{statistic}_ms": v, "rounds_ms": rr,
                        "noisy": r["noise"]["noisy"]}
                       for m, v, rr, r in zip(models, p50, per_model, runs)]}

@@ -201,12 +201,15 @@ class Prediction:
     unseen_classes: list[str]
     unknown_nodes: list[str]
     label: str = "predicted"
+    statistic: str = "p50"          # what the calibration fitted: "p50", or "mean" (p50_ms holds it)
     dram_fraction: float = 0.0      # share of weight bytes costed at DRAM bandwidth
     llc_fraction: float = 0.0       # share of weight bytes costed at last-level-cache bandwidth
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["interval_ms"] = [float(self.interval_ms[0]), float(self.interval_ms[1])]
+        if self.statistic != "p50":          # never call a predicted mean a p50
+            d[f"{self.statistic}_ms"] = d.pop("p50_ms")
         return d
 
 
@@ -1001,7 +1004,8 @@ def predict(analysis: Analysis, profile: dict, threads: int = 1) -> Prediction:
         ram_mb=ram_mb, fits=None if ram_mb is None else (w_mb + a_mb) <= ram_mb,
         calibrated=calibrated, basis=basis, threads=int(threads), unseen_classes=unseen,
         unknown_nodes=list(analysis.unknown_nodes), dram_fraction=float(frac[1]),
-        llc_fraction=float(frac[0]))
+        llc_fraction=float(frac[0]),
+        statistic=str((profile.get("calibration") or {}).get("statistic", "p50")))
 
 
 # ----------------------------------------------------------------------------- fitting

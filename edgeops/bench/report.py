@@ -42,6 +42,13 @@ class BenchReport:
                 "warnings": self.warnings, "seconds": round(self.seconds, 3)}
 
 
+def predicted_value(pred: dict) -> tuple[str, float]:
+    """(statistic, ms) of a prediction: the median, or the mean when the profile was
+    calibrated on means."""
+    stat = pred.get("statistic", "p50")
+    return stat, pred[f"{stat}_ms"]
+
+
 def apply_budget(report: BenchReport, budget_ms: float, percentile: str) -> dict:
     """Measured: the percentile against the budget. Predicted: the predicted median's interval
     against the budget (meets / BREACH / uncertain), since tails cannot be predicted."""
@@ -52,14 +59,15 @@ def apply_budget(report: BenchReport, budget_ms: float, percentile: str) -> dict
              "basis": f"measured {percentile}"}
     else:
         p = report.prediction
+        stat, value = predicted_value(p)
         lo, hi = p["interval_ms"]
         verdict = "BREACH" if lo > budget_ms else "meets" if hi <= budget_ms else "uncertain"
-        b = {"ms": budget_ms, "percentile": percentile, "value_ms": p["p50_ms"],
+        b = {"ms": budget_ms, "percentile": percentile, "value_ms": value,
              "interval_ms": [lo, hi], "verdict": verdict,
-             "basis": "predicted p50 and its interval"}
-        if percentile != "p50":
+             "basis": f"predicted {stat} and its interval"}
+        if percentile != stat:
             report.warnings.append(
-                f"the budget is on {percentile}, but a prediction estimates the median only; "
+                f"the budget is on {percentile}, but the prediction estimates the {stat} only; "
                 "tails depend on the device's load: measure on it (--device) to check "
                 f"{percentile}")
         if verdict == "uncertain":

@@ -212,12 +212,15 @@ def render(d: dict) -> None:
 def _render_prediction(out, d: dict, head: str) -> None:
     from rich.table import Table
 
+    from ..bench.report import predicted_value
+
     p, tg = d["prediction"], d["target"]
     lo, hi = p["interval_ms"]
     cal = "calibrated" if p.get("calibrated") else "[yellow]uncalibrated[/]"
     out.print(f"{head}: [bold magenta]PREDICTED[/] for target [bold]{_esc(tg['name'])}[/] "
               f"({_esc(tg['title'])}; {cal}), threads {d['settings']['threads']}")
-    out.print(f"predicted p50 [bold]{_ms(p['p50_ms'])} ms[/] (predicted interval "
+    stat, value = predicted_value(p)
+    out.print(f"predicted {stat} [bold]{_ms(value)} ms[/] (predicted interval "
               f"{_ms(lo)}-{_ms(hi)} ms; {_esc(p.get('basis', ''))})")
     per = p.get("by_class_ms") or {}
     if per:
@@ -303,12 +306,16 @@ def targets_show(name, as_json):
 @click.option("--threads", type=int, default=1, show_default=True)
 @click.option("--seconds", type=float, default=1.0, show_default=True,
               help="Steady-state seconds per suite model (split over the rounds).")
+@click.option("--statistic", type=click.Choice(["p50", "mean"]), default="p50", show_default=True,
+              help="What to fit and then predict. mean suits machines whose latency is "
+                   "bimodal, e.g. under a CPU quota (containers), where the median of short "
+                   "runs does not slow down but the mean does.")
 @click.option("--rounds", type=int, default=3, show_default=True,
               help="Time each model in this many round-robin rounds; the least-disturbed "
                    "round's p50 is fitted.")
 @json_option
 def targets_calibrate(name, local, device_name, ssh_spec, key, device_python, known_hosts,
-                      accept_new_host_key, base, threads, seconds, rounds, as_json):
+                      accept_new_host_key, base, threads, seconds, statistic, rounds, as_json):
     """Run the fixed suite (<= 20 small models) on the real machine, fit NAME's efficiency
     factors, and save the calibrated profile to $EDGEOPS_HOME/targets/NAME.toml."""
     from ..bench.calibrate import calibrate
@@ -324,6 +331,7 @@ def targets_calibrate(name, local, device_name, ssh_spec, key, device_python, kn
             err.print(f"[dim][{i}/{n}] {_esc(label)}[/]")
 
     rep = calibrate(name, device=dev, base=base, threads=threads, seconds=seconds, rounds=rounds,
+                    statistic=statistic,
                     accept_new_host_key=accept_new_host_key, progress=progress)
     if as_json:
         _json_print(rep)
