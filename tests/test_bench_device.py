@@ -73,7 +73,7 @@ def test_device_report_has_the_local_schema(model, device, home):
 def test_slower_device_measures_slower(model, device, slow_device, home):
     fast = _enrol("fast", device, home)
     slow = _enrol("slow", slow_device, home)
-    s = Settings(runs=15, warmup=2)
+    s = Settings(min_seconds=0.6, warmup=2)       # CPU % needs a window of >= 0.25 s
     a = bench(model, settings=s, device=fast)
     b = bench(model, settings=s, device=slow)
     assert b.environment["cpu_quota_cores"] == pytest.approx(0.25)
