@@ -75,25 +75,13 @@ class Settings:
 
 def check_model(path: str | Path):
     """The model must be an ONNX file onnx can load; returns (ModelProto, Signature)."""
-    import onnx
-
-    from .. import formats
     from ..formats import onnx as onnx_fmt
 
-    path = Path(path)
-    info = formats.detect(path)
-    if info.id != "onnx":
-        if info.family == "coreml":
-            raise UsageError(f"{path}: Core ML models cannot be run on this OS (no Core ML "
-                             "runtime outside macOS/iOS), so they cannot be benchmarked here",
-                             hint="benchmark the ONNX model it came from, or run on a Mac")
-        raise UsageError(f"{path}: edgeops bench runs ONNX models (onnxruntime), this is "
-                         f"{info.description}",
-                         hint=f"convert it first: edgeops convert {path} -o model.onnx")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file: one line
-        raise UsageError(f"{path}: onnx cannot load the model: {first_line(exc)}") from None
+    model = onnx_fmt.require(
+        path, "edgeops bench runs ONNX models (onnxruntime)",
+        "Core ML models cannot be run on this OS (no Core ML runtime outside macOS/iOS), so "
+        "they cannot be benchmarked here",
+        "benchmark the ONNX model it came from, or run on a Mac")
     return model, onnx_fmt.signature_of(model)
 
 
@@ -146,9 +134,9 @@ def parse_runner(rc: int, stdout: str, stderr: str, where: str) -> dict:
     raise err
 
 
-def run_local(model: Path, feeds_path: Path, s: Settings, python: str | None = None,
+def run_local(model: Path, feeds_path: Path, s: Settings,
               progress: Callable[[int, float], None] | None = None) -> dict:
-    cmd = [python or sys.executable, str(RUNNER), str(model), "--inputs", str(feeds_path),
+    cmd = [sys.executable, str(RUNNER), str(model), "--inputs", str(feeds_path),
            "--progress", *s.runner_args()]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err_lines: list[str] = []
@@ -178,8 +166,10 @@ def bench(model: str | Path, *, settings: Settings | None = None, inputs: str | 
           budget_ms: float | None = None, percentile: str = "p99", target: str | None = None,
           predict: bool = False, device=None, accept_new_host_key: bool = False,
           progress: Callable[[int, float], None] | None = None) -> BenchReport:
-    """Measure MODEL here, on `device` (an inventory Device or an SSHTarget plus python), or
-    predict it on `target` (predict=True). Budget breaches are in report.budget, not raised."""
+    """Measure MODEL here, on `device` (anything with .name, .python and .ssh_target(): an
+    inventory Device or an ad-hoc --ssh one), or predict it on `target` (predict=True).
+    `progress(runs, seconds)` is called during a local measurement. Budget breaches are in
+    report.budget, not raised."""
     t0 = time.perf_counter()
     s = settings or Settings()
     s.check()
@@ -208,7 +198,6 @@ def bench(model: str | Path, *, settings: Settings | None = None, inputs: str | 
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         analysis = estimate.analyze(proto, shapes)
         pred = estimate.predict(analysis, prof.data, threads=s.threads).to_dict()
-        pred["label"] = "predicted"
         rep = BenchReport(mode="predicted", where="target", model=info,
                           settings=s.to_dict(), prediction=pred, target=prof.summary())
         cal_threads = (prof.data.get("calibration") or {}).get("threads")
@@ -230,8 +219,7 @@ def bench(model: str | Path, *, settings: Settings | None = None, inputs: str | 
             else:
                 from .remote import run_remote
 
-                run, dev = run_remote(device, model, fp, s, accept_new_host_key=accept_new_host_key,
-                                      progress=progress)
+                run, dev = run_remote(device, model, fp, s, accept_new_host_key=accept_new_host_key)
                 where = "device"
         if run["model_sha256"] != info["sha256"]:
             raise RunnerError(f"{where}: the model measured is not the model given "

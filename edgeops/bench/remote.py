@@ -9,7 +9,8 @@ import shlex
 from pathlib import Path
 from typing import Callable
 
-from ..errors import EXIT_ENV
+from ..errors import EXIT_ENV, UsageError
+from ..formats.onnx import external_files
 from .measure import RUNNER, RunnerError, Settings, parse_runner
 
 PREFLIGHT = ("import sys, platform\n"
@@ -25,20 +26,6 @@ class DeviceEnvError(RunnerError):
     """The device lacks python, numpy or onnxruntime."""
 
     exit_code = EXIT_ENV
-
-
-def external_data_files(model: Path) -> list[Path]:
-    """Files holding the model's external tensors (they must travel with it)."""
-    import onnx
-
-    m = onnx.load(str(model), load_external_data=False)
-    locs = set()
-    for t in m.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "location":
-                    locs.add(kv.value)
-    return [model.parent / loc for loc in sorted(locs)]
 
 
 def preflight(conn, python: str, where: str) -> dict:
@@ -62,8 +49,7 @@ def preflight(conn, python: str, where: str) -> dict:
 
 
 def run_remote(device, model: Path, feeds_path: Path, s: Settings, *,
-               accept_new_host_key: bool = False,
-               progress: Callable[[int, float], None] | None = None) -> tuple[dict, dict]:
+               accept_new_host_key: bool = False) -> tuple[dict, dict]:
     """(runner report, device record). `device` is an inventory Device."""
     runs, record = run_remote_many(device, [(model, feeds_path)], s,
                                    accept_new_host_key=accept_new_host_key)
@@ -99,8 +85,11 @@ def run_remote_many(device, jobs: list[tuple[Path, Path]], s: Settings, *,
                     sub = posixpath.join(work, str(len(sent)))
                     rmodel = posixpath.join(sub, model.name)
                     conn.put(model, rmodel)                     # put creates the folder
-                    for extra in external_data_files(model):
-                        conn.put(extra, posixpath.join(sub, extra.name))
+                    for loc in sorted(external_files(model)):   # weights beside the .onnx
+                        if posixpath.isabs(loc) or ".." in loc.split("/"):
+                            raise UsageError(f"{model}: external data {loc!r} lies outside the "
+                                             "model's folder; it is not copied to a device")
+                        conn.put(model.parent / loc, posixpath.join(sub, loc))
                     rfeeds = posixpath.join(sub, "inputs.npz")
                     conn.put(feeds_path, rfeeds)
                     sent[(model, feeds_path)] = (rmodel, rfeeds)

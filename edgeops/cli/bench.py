@@ -10,9 +10,9 @@ import click
 
 from . import cli
 from .commands import _err, _esc, _human_size, _json_print, _out, json_option, shape_option
+from ..bench.report import PERCENTILES
 from ..errors import EXIT_OK, EXIT_VERIFY, UsageError
 
-PCTS = ["min", "mean", "p50", "p90", "p95", "p99", "p99.9", "max"]
 
 
 def _ms(x) -> str:
@@ -109,7 +109,7 @@ class _Spinner:
               help="Inputs (.npz keyed by input name, or a folder of NAME.npy); default random.")
 @shape_option
 @click.option("--budget-ms", type=float, metavar="MS", help="Latency budget: a breach exits 1.")
-@click.option("--percentile", type=click.Choice(PCTS), default="p99", show_default=True,
+@click.option("--percentile", type=click.Choice(PERCENTILES), default="p99", show_default=True,
               help="Statistic the budget applies to.")
 @click.option("--cv-threshold", type=float, default=0.10, show_default=True,
               help="Flag the run as noisy above this coefficient of variation.")
@@ -380,14 +380,13 @@ def devices_add(name, ssh_spec, key, host_key, accept_new_host_key, device_pytho
 
 
 def _fingerprint(line: str) -> str:
-    import base64
-    import hashlib
+    """SHA256 fingerprint of a pinned host key, "?" when there is none or it is unreadable."""
+    from ..fleet.ssh import fingerprint
 
     try:
-        raw = base64.b64decode(line.split()[1])
-    except (IndexError, ValueError):
+        return fingerprint(line)
+    except UsageError:
         return "?"
-    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
 
 
 @devices.command("list")

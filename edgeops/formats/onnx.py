@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError, first_line
+from ..errors import FormatError, UsageError, first_line
 from .base import FormatInfo, LoadOptions, Probe, Signature, TensorSpec
 
 FORMATS = (
@@ -23,6 +23,27 @@ FORMATS = (
 # 5 model_version, 6 doc_string, 7 graph, 8 opset_import, 14 metadata_props, 20 training_info,
 # 25 functions, 26 configuration.
 _ONNX_FIELDS = {1, 2, 3, 4, 5, 6, 7, 8, 14, 20, 25, 26}
+
+
+def require(path: str | Path, works_on: str, coreml_reason: str, coreml_hint: str):
+    """PATH loaded as an ONNX ModelProto, for a command that only runs ONNX (it needs
+    onnxruntime). Any other format is refused with one line: Core ML with COREML_REASON and
+    COREML_HINT (it has no runtime on this OS), the rest with WORKS_ON and a convert hint;
+    a file onnx cannot load (truncated, corrupt) says so."""
+    import onnx
+
+    from . import detect as detect_format
+
+    info = detect_format(path)
+    if info.id != "onnx":
+        if info.family == "coreml":
+            raise UsageError(f"{path}: {coreml_reason}", hint=coreml_hint)
+        raise UsageError(f"{path}: {works_on}, this is {info.description}",
+                         hint=f"convert it first: edgeops convert {path} -o model.onnx")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file: one line
+        raise UsageError(f"{path}: onnx cannot load the model: {first_line(exc)}") from None
 
 
 def detect(probe: Probe) -> str | None:
@@ -194,7 +215,7 @@ def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> d
         key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
         ops[key] = ops.get(key, 0) + 1
     meta = metadata(model)
-    ext = _external_files(Path(path))
+    ext = external_files(Path(path))
     lineage = None
     if "edgeops.lineage" in meta:
         try:
@@ -216,7 +237,7 @@ def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> d
     }
 
 
-def _external_files(path: Path) -> dict[str, int]:
+def external_files(path: Path) -> dict[str, int]:
     """External-data files the model references (weights stored beside the .onnx)."""
     import onnx
     from onnx.external_data_helper import _get_all_tensors
@@ -235,4 +256,4 @@ def _external_files(path: Path) -> dict[str, int]:
 def total_size(path: str | Path) -> int:
     """Bytes on disk: the .onnx file plus the external-data files it references."""
     path = Path(path)
-    return path.stat().st_size + sum(_external_files(path).values())
+    return path.stat().st_size + sum(external_files(path).values())

@@ -383,24 +383,13 @@ def _set(v: Variant, path: Path, metric: float, metric_fp32: float, max_drop: fl
 # ----------------------------------------------------------------------------- main entry
 
 def _check_source(src: Path):
-    import onnx
+    from ..formats import onnx as onnx_fmt
 
-    from .. import formats
-
-    info = formats.detect(src)
-    if info.id != "onnx":
-        if info.family == "coreml":
-            raise UsageError(f"{src}: Core ML models cannot be quantized here: there is no "
-                             "Core ML runtime on this OS to measure accuracy or speed",
-                             hint="quantize the ONNX model, then convert it to Core ML "
-                                  "(or use coremltools.optimize on macOS)")
-        raise UsageError(f"{src}: optimize --quantize works on ONNX models, this is "
-                         f"{info.description}",
-                         hint=f"convert it first: edgeops convert {src} -o model.onnx")
-    try:
-        model = onnx.load(str(src))
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(f"{src}: onnx cannot load the model: {first_line(exc)}") from None
+    model = onnx_fmt.require(
+        src, "optimize --quantize works on ONNX models",
+        "Core ML models cannot be quantized here: there is no Core ML runtime on this OS to "
+        "measure accuracy or speed",
+        "quantize the ONNX model, then convert it to Core ML (or use coremltools.optimize on macOS)")
     stats = graph.weight_stats(model)
     if stats.float_params == 0:
         raise UsageError(f"{src}: the model has no float weights, nothing to quantize",
