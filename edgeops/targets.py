@@ -164,6 +164,26 @@ def _flops_per_cycle(isa: str, feats: set[str]) -> tuple[int, int]:
     return 8, 16
 
 
+def _sysfs_cache_bytes(level: int | None = None) -> int | None:
+    """Largest data/unified cache of cpu0 (sysfs) -- of `level` if given -- in bytes."""
+    best = None
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (d / "type").read_text().strip() == "Instruction" or \
+                    (level is not None and int((d / "level").read_text()) != level):
+                continue
+            s = (d / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1:], 1)
+        try:
+            v = int(float(s.rstrip("KMGB")) * mult)
+        except ValueError:
+            continue
+        best = v if best is None else max(best, v)
+    return best
+
+
 def detect_host(data: dict) -> dict:
     """Fill the host profile's CPU and memory facts from this machine (in place)."""
     from .agent.bench_runner import _cpuinfo, _freq, _meminfo_mb
@@ -187,8 +207,13 @@ def detect_host(data: dict) -> dict:
     ram = _meminfo_mb("MemTotal")
     if ram:
         data["memory"]["ram_gb"] = round(ram / 1024.0, 1)
+    llc, l2 = _sysfs_cache_bytes(), _sysfs_cache_bytes(2)
+    if llc:
+        data["memory"]["cache_mb"] = llc / 2**20
+    if l2:
+        data["memory"]["l2_mb"] = l2 / 2**20
     data.setdefault("detected", {})["note"] = (
-        "cpu.* and memory.ram_gb detected on this machine at load time")
+        "cpu.*, memory.ram_gb and the cache sizes detected on this machine at load time")
     return data
 
 

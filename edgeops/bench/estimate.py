@@ -58,7 +58,7 @@ total      sum(t) + run_overhead_us
 Bytes are split by where they come from on a steady-state run: activations and the weights that
 fit in the per-core cache ("near"), weights that only fit in the last-level cache ("llc"),
 weights beyond it ("dram"). With F = weights + peak activations, C2 = per-core L2 and C3 = the
-last-level cache (sysfs for the host profile, memory.l2_mb / memory.cache_mb otherwise), a
+last-level cache (memory.l2_mb / memory.cache_mb; detected from sysfs for the host profile), a
 cyclic sweep over F keeps about C2 resident in L2 and C3 in the LLC: llc share of the weight
 bytes = (min(F, C3) - C2) / F, dram share = (F - C3) / F.
 peak_class = freq_ghz * fp32_flops_per_cycle (int8_ops_per_cycle for "int8") per core;
@@ -793,49 +793,22 @@ def _eff(profile: dict) -> dict:
     return e
 
 
-def _sysfs_cache_bytes(level: int | None = None) -> int | None:
-    """Largest data/unified cache of cpu0 (sysfs) -- of `level` if given -- in bytes."""
-    best = None
-    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (d / "type").read_text().strip() == "Instruction" or \
-                    (level is not None and int((d / "level").read_text()) != level):
-                continue
-            s = (d / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(s[-1:], 1)
-        try:
-            v = int(float(s.rstrip("KMGB")) * mult)
-        except ValueError:
-            continue
-        best = v if best is None else max(best, v)
-    return best
-
-
 def _mb(profile: dict, key: str) -> float | None:
     v = (profile.get("memory") or {}).get(key)
     return float(v) * 2**20 if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
 
 
 def cache_bytes(profile: dict) -> float:
-    """Last-level cache of the target: detected from sysfs for the host profile, else
-    memory.cache_mb, else DEFAULT_CACHE_MB."""
-    if profile.get("kind") == "host":
-        v = _sysfs_cache_bytes()
-        if v:
-            return float(v)
+    """Last-level cache of the target: memory.cache_mb (for the host profile detected from
+    sysfs when it is loaded), else DEFAULT_CACHE_MB."""
     return _mb(profile, "cache_mb") or DEFAULT_CACHE_MB * 2**20
 
 
 def l2_bytes(profile: dict) -> float:
     """Per-core mid-level (L2) cache when the target has a larger last-level cache behind it
-    (sysfs for the host, else memory.l2_mb); equal to the LLC size when there is none."""
+    (memory.l2_mb); equal to the LLC size when there is none."""
     llc = cache_bytes(profile)
-    v = None
-    if profile.get("kind") == "host":
-        v = _sysfs_cache_bytes(2)
-    v = v or _mb(profile, "l2_mb")
+    v = _mb(profile, "l2_mb")
     return min(float(v), llc) if v else llc
 
 
@@ -849,10 +822,6 @@ def cache_fractions(analysis: Analysis, profile: dict) -> tuple[float, float]:
     if f <= l2 or f <= 0:
         return 0.0, 0.0
     return (min(f, llc) - l2) / f, max(f - llc, 0.0) / f
-
-
-def dram_fraction(analysis: Analysis, profile: dict) -> float:
-    return cache_fractions(analysis, profile)[1]
 
 
 def _peaks(profile: dict, threads: int, eff: dict) -> tuple[dict, float]:

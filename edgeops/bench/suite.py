@@ -147,14 +147,6 @@ def _mlp(name, seed, widths):
     return g.model((1, widths[0]), x), ["gemm"]
 
 
-def _tokens_mlp(seed):
-    g = _G("mlp_tokens", seed)
-    x = g.linear("x", 256, 1024, relu=True)
-    x = g.linear(x, 1024, 256)
-    x = g.linear(x, 256, 512, relu=True)
-    return g.model((1, 128, 256), x), ["gemm", "memory"]
-
-
 def _attention(name, seed, seq, d, heads):
     g = _G(name, seed)
     hd = d // heads
