@@ -1,0 +1,319 @@
+"""Build, verify and inspect bundles: a registry version, signed for one target.
+
+A bundle is an uncompressed, deterministic ustar file (edgeops.agent.verifier.write_archive):
+  manifest.json             {"signed": manifest, "signatures": [...]}, canonical JSON
+  roots/N.root.json         the trust root chain, so devices on an older root can rotate
+  payload/model/...         the model file(s) as stored in the registry (external data kept)
+  payload/reference/...     reference inputs and expected outputs (.npy) for the health check
+The same inputs (registry version, keys, counter, created time) give the same bytes:
+SOURCE_DATE_EPOCH (or `created=`) fixes the time, Ed25519 signatures are deterministic.
+The threshold that devices enforce is the one in their trust root, never one a bundle states
+about itself (an attacker would state 1). Not covered: shipping to devices (fleet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..agent import verifier as v
+from ..errors import EXIT_VERIFY, EdgeopsError, UsageError
+from . import trust as trust_mod
+from .keys import SigningKey
+
+DEFAULT_EXPIRES = timedelta(days=90)
+# the first onnxruntime release that runs each default-domain opset (onnxruntime's
+# compatibility table); a device with an older runtime refuses the bundle in preflight
+ORT_FOR_OPSET = {13: "1.7", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.13", 18: "1.14", 19: "1.16",
+                 20: "1.17", 21: "1.18", 22: "1.20", 23: "1.22"}
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+             "ConvInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm", "DynamicQuantizeMatMul"}
+
+
+class BundleError(EdgeopsError):
+    """A bundle that fails verification (exit 1)."""
+
+    exit_code = EXIT_VERIFY
+
+
+def parse_duration(text: str) -> timedelta:
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", text or "")
+    if not m:
+        raise UsageError(f"--expires {text!r} is not a duration", hint="like 90d, 12h, 30m, 2w")
+    n, unit = int(m.group(1)), m.group(2)
+    if n <= 0:
+        raise UsageError("--expires must be positive")
+    return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[unit]: n})
+
+
+def build_time(created: datetime | None = None) -> datetime:
+    if created is None and os.environ.get("SOURCE_DATE_EPOCH"):
+        try:
+            created = datetime.fromtimestamp(int(os.environ["SOURCE_DATE_EPOCH"]), timezone.utc)
+        except ValueError:
+            raise UsageError("SOURCE_DATE_EPOCH must be an integer (seconds since 1970)") from None
+    return (created or datetime.now(timezone.utc)).replace(microsecond=0)
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    sha256: str
+    size: int
+    manifest: dict
+    signed_by: list[str]
+    root_version: int | None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256, "size": self.size,
+                "signed_by": self.signed_by, "root_version": self.root_version,
+                "warnings": self.warnings, "manifest": self.manifest}
+
+
+def _reference(model: Path, inputs: Path | None, shapes: dict | None, atol: float | None,
+               rtol: float | None, ref_dir: Path) -> tuple[dict, dict, str]:
+    """Run the model here on reference inputs; the outputs become the health check's truth."""
+    import onnx
+
+    from .. import verify
+    from ..formats import onnx as onnx_fmt
+
+    runner = onnx_fmt.OnnxRunner(model, threads=1)
+    if inputs is not None:
+        feeds = verify.load_inputs(inputs, runner.signature)
+        source = f"{inputs.name} (sha256 {hashlib.sha256(inputs.read_bytes()).hexdigest()[:16]})" \
+            if inputs.is_file() else inputs.name
+    else:
+        feeds = verify.make_inputs(runner.signature, shapes or {}, seed=0, batch=1)
+        source = "generated (seed 0, batch 1)"
+    outs = runner.run(feeds)
+    ops = {n.op_type for n in onnx_fmt.walk_nodes(onnx.load(str(model), load_external_data=False).graph)}
+    quantized = bool(ops & QUANT_OPS)
+    ref_dir.mkdir(parents=True)
+    ins, exp = {}, {}
+    for i, (name, arr) in enumerate(feeds.items()):
+        np.save(ref_dir / f"input_{i}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+        ins[name] = {"file": f"payload/reference/input_{i}.npy", "dtype": str(arr.dtype), "shape": list(arr.shape)}
+    for i, (name, arr) in enumerate(outs.items()):
+        arr = np.asarray(arr)
+        if arr.dtype == object:
+            raise UsageError(f"output {name!r} is not a tensor (sequence or map)",
+                             hint="health vectors need tensor outputs; use a model with tensor outputs")
+        np.save(ref_dir / f"output_{i}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+        entry = {"file": f"payload/reference/output_{i}.npy", "dtype": str(arr.dtype), "shape": list(arr.shape)}
+        if arr.dtype.kind == "f":
+            a, r = verify.tolerance_for(str(arr.dtype), atol, rtol)
+            if quantized and atol is None:
+                # int8 kernels differ across ISAs (x86 u8s8 vs ARM s8s8, rounding): a few
+                # quantization steps of the output range
+                a = max(a, 0.02 * float(np.max(np.abs(arr))) if arr.size else a)
+            if quantized and rtol is None:
+                r = max(r, 0.02)
+            entry.update(atol=a, rtol=r)
+        else:
+            entry.update(atol=0.0, rtol=0.0)   # labels and ids must match exactly
+        exp[name] = entry
+    return ins, exp, source + (", quantized model: int8 tolerances" if quantized else "")
+
+
+def _parity(lineage: dict | None) -> list[dict]:
+    """Each verified step on the way here, newest first, from the lineage chain."""
+    out = []
+    rec = lineage
+    while isinstance(rec, dict):
+        for hop in rec.get("hops") or []:
+            p = hop.get("parity") or {}
+            out.append({"step": rec.get("step"), "from": hop.get("from"), "to": hop.get("to"),
+                        "status": p.get("status"), "max_abs": p.get("max_abs"), "min_cosine": p.get("min_cosine")})
+        for key in ("quantize", "prune", "distill"):
+            if isinstance(rec.get(key), dict):
+                d = rec[key]
+                out.append({"step": rec.get("step"), "status": "passed" if d.get("passed", True) else "failed",
+                            **{k: d.get(k) for k in ("metric", "metric_fp32", "metric_quantized", "metric_before",
+                                                     "metric_after", "max_drop") if d.get(k) is not None}})
+        rec = rec.get("parent")
+    return out
+
+
+def _runtime(model: Path, files: dict, profile) -> dict:
+    import onnx
+    import onnxruntime
+
+    m = onnx.load(str(model), load_external_data=False)
+    opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    domains = sorted({o.domain for o in m.opset_import if o.domain not in ("", "ai.onnx")})
+    need = ORT_FOR_OPSET.get(opset) if opset is not None else None
+    if opset is not None and need is None:
+        need = ORT_FOR_OPSET[max(ORT_FOR_OPSET)] if opset > max(ORT_FOR_OPSET) else "1.7"
+    return {"engine": "onnxruntime", "min_version": need, "built_with": onnxruntime.__version__,
+            "opset": opset, "domains": domains, "ir_version": m.ir_version,
+            "providers": ["CPUExecutionProvider"], "isa": profile.data["cpu"]["isa"],
+            "model_bytes": sum(f["size"] for f in files.values()),
+            "python": ">=3.9", "packages": ["numpy", "onnxruntime"]}
+
+
+def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, threshold: int | None = None,
+          expires: timedelta | datetime = DEFAULT_EXPIRES, slo_ms: float | None = None,
+          slo_percentile: str = "p99", trust_dir: Path | None = None, counter: int | None = None,
+          inputs: Path | None = None, shapes: dict | None = None, atol: float | None = None,
+          rtol: float | None = None, created: datetime | None = None, registry=None,
+          allow_failed_lineage: bool = False, progress=lambda msg: None) -> BuildResult:
+    """Build and sign a bundle of registry version `ref` for `target`, then verify it with the
+    device's own verifier before it is reported as built."""
+    from .. import targets
+    from ..registry import open_registry, parse_ref
+
+    if not signers:
+        raise UsageError("at least one --key is needed to sign a bundle")
+    distinct = {k.keyid for k in signers}
+    if len(distinct) != len(signers):
+        raise UsageError("the same key was given twice; a threshold counts distinct keys")
+    if threshold is not None and not 1 <= threshold <= len(distinct):
+        raise UsageError(f"--threshold {threshold} needs at least {threshold} distinct --key (got {len(distinct)})")
+    if slo_ms is not None and not slo_ms > 0:
+        raise UsageError("--slo-ms must be positive")
+    profile = targets.load(target)
+    reg = registry or open_registry()
+    name, version = parse_ref(ref)
+    rec = reg.get(name, version)
+    if rec.removed:
+        raise UsageError(f"{rec.name}:{rec.version} was removed from the registry; its files are gone")
+    if rec.format != "onnx":
+        raise UsageError(f"{rec.name}:{rec.version} is {rec.format}; bundles carry ONNX models for onnxruntime",
+                         hint="edgeops convert MODEL --to onnx, then edgeops registry add")
+    failed = [p for p in _parity(rec.lineage) if p.get("status") == "failed"]
+    if failed and not allow_failed_lineage:
+        raise BundleError(f"{rec.name}:{rec.version} failed a check on its way here ({failed[0]['step']}: "
+                          "status failed in its lineage); a bundle would ship an unchecked model",
+                          hint="fix the model, or pass --allow-failed-lineage to ship it anyway")
+    warnings = [f"shipping despite a failed check in the lineage ({p['step']})" for p in failed]
+    tdir = trust_dir or (trust_mod.default_dir() if (trust_mod.default_dir() / v.ROOT_FILE).exists() else None)
+    root = None
+    if tdir is not None:
+        root = trust_mod.load(tdir)
+        allowed = set(root.roles["bundle"].keyids)
+        have = distinct & allowed
+        strangers = sorted(k.name for k in signers if k.keyid not in allowed)
+        if len(have) < root.roles["bundle"].threshold:
+            raise UsageError(f"devices that trust {tdir} (root v{root.version}) need "
+                             f"{root.roles['bundle'].threshold} signature(s) from its bundle keys; "
+                             f"these keys give {len(have)}" + (f" ({', '.join(strangers)} not in it)" if strangers else ""),
+                             hint=f"edgeops trust show {tdir}")
+    else:
+        warnings.append("no trust root (edgeops trust init): the bundle was not checked against one")
+    t0 = build_time(created)
+    exp = expires if isinstance(expires, datetime) else t0 + expires
+    if exp <= datetime.now(timezone.utc):
+        raise UsageError(f"the bundle would already be expired ({v.format_time(exp)})")
+    work = Path(tempfile.mkdtemp(prefix="edgeops-bundle-"))
+    try:
+        progress(f"materializing {rec.name}:{rec.version} from the registry")
+        model = reg.materialize(rec, work / "model")
+        progress("computing reference outputs for the health check")
+        ins, exp_out, source = _reference(model, inputs, shapes, atol, rtol, work / "reference")
+        members: dict[str, Path] = {}
+        for rel in sorted(rec.files):
+            members[f"payload/model/{rel}"] = work / "model" / rel
+        for p in sorted((work / "reference").iterdir()):
+            members[f"payload/reference/{p.name}"] = p
+        for n in members:
+            why = v.check_name(n)
+            if why:
+                raise UsageError(f"cannot bundle {n!r}: {why}", hint="rename the model file(s) and add them again")
+        files = {n: {"sha256": _sha256(p), "size": p.stat().st_size} for n, p in members.items()}
+        if counter is None:
+            counter = reg.next_bundle_counter(rec.name)
+        elif counter < 1:
+            raise UsageError("--counter must be a positive integer")
+        manifest = {
+            "_type": v.BUNDLE_TYPE, "schema_version": v.SCHEMA_VERSION,
+            "name": rec.name, "version": rec.version, "counter": counter, "target": profile.name,
+            "created": v.format_time(t0), "expires": v.format_time(exp),
+            "files": files, "model": f"payload/model/{rec.main_file}",
+            "runtime": _runtime(model, {k: x for k, x in files.items() if k.startswith("payload/model/")}, profile),
+            "health": {"inputs": ins, "expected": exp_out, "source": source},
+            "slo": {"latency_ms": slo_ms, "percentile": slo_percentile, "threads": 1} if slo_ms else None,
+            "lineage": rec.lineage, "parity": _parity(rec.lineage),
+            "registry": {"name": rec.name, "version": rec.version, "sha256": rec.sha256, "stage": rec.stage,
+                         "metrics": rec.metrics},
+            "builder": {"edgeops": __version__},
+        }
+        envelope = trust_mod.sign_envelope(v.BUNDLE_TYPE, manifest, signers)
+        roots = trust_mod.chain(tdir) if tdir is not None else {}
+        ordered = [(v.MANIFEST, envelope)] + [(f"roots/{n}.root.json", roots[n]) for n in sorted(roots)] \
+            + [(n, members[n]) for n in sorted(members)]
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".partial")
+        progress(f"writing {out}")
+        with open(tmp, "wb") as f:
+            v.write_archive(f, ordered)
+            f.flush()
+            os.fsync(f.fileno())
+        if root is not None:   # the device's verifier, before calling it built
+            res = v.verify_bundle(tmp, root, target=profile.name)
+            if not res.ok:
+                tmp.unlink()
+                raise BundleError("the bundle just built does not verify: " +
+                                  "; ".join(x.message for x in res.failures))
+            signed_by = res.signed_by
+        else:
+            signed_by = sorted(distinct)
+        os.replace(tmp, out)
+        digest = _sha256(out)
+        reg.record_bundle(rec.name, rec.version, profile.name, counter, digest, str(out.resolve()),
+                          manifest["expires"], sorted(distinct))
+        return BuildResult(out, digest, out.stat().st_size, manifest, signed_by,
+                           root.version if root else None, warnings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inspect(path: Path) -> dict:
+    """What a bundle says about itself. NOT a verification: nothing here is trusted."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such bundle")
+    with open(path, "rb") as f:
+        try:
+            entries = v.scan_archive(f, path.stat().st_size)
+            if not entries or entries[0].name != v.MANIFEST:
+                raise v.Refused("archive", f"the first entry must be {v.MANIFEST}")
+            f.seek(entries[0].offset)
+            env = v.parse_canonical(f.read(min(entries[0].size, v.Limits().max_metadata_bytes)), v.MANIFEST)
+        except v.Refused as exc:
+            raise UsageError(f"{path}: not a readable bundle: {exc}") from None
+    signed = env.get("signed") if isinstance(env, dict) else None
+    if not isinstance(signed, dict):
+        raise UsageError(f"{path}: manifest.json has no signed part")
+    return {"path": str(path), "size": path.stat().st_size, "sha256": _sha256(path),
+            "entries": [{"name": e.name, "size": e.size} for e in entries],
+            "signatures": [s.get("keyid") for s in env.get("signatures", []) if isinstance(s, dict)],
+            "manifest": signed, "verified": False}
+
+
+def verify(path: Path, trust_dir: Path, *, target: str | None = None, installed: v.Installed | None = None,
+           allow_same_version: bool = False, now: datetime | None = None,
+           extract_to: Path | None = None) -> v.VerifyResult:
+    """The device's verification, run here (returns the result; callers decide to raise)."""
+    root = trust_mod.load(Path(trust_dir))
+    return v.verify_bundle(path, root, target=target, installed=installed, now=now,
+                           allow_same_version=allow_same_version, extract_to=extract_to)

@@ -1,0 +1,355 @@
+"""`edgeops keys`, `edgeops trust`, `edgeops bundle`: signing keys, trust roots, signed bundles.
+
+Parse, call edgeops.bundle, render. Passphrases come from $EDGEOPS_KEY_PASSPHRASE or a
+hidden prompt (the library never prompts). A refused bundle exits 1 with every reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import click
+
+from . import cli
+from .commands import _err, _esc, _human_size, _json_print, _out, inputs_option, json_option, shape_option
+from ..errors import EXIT_VERIFY, UsageError
+
+PASS_ENV = "EDGEOPS_KEY_PASSPHRASE"
+
+
+def _passphrase(ref, confirm: bool = False) -> str | None:
+    if os.environ.get(PASS_ENV):
+        return os.environ[PASS_ENV]
+    return click.prompt(f"passphrase for key {ref}", hide_input=True, confirmation_prompt=confirm,
+                        err=True)
+
+
+def _signers(refs) -> list:
+    from ..bundle import keys
+
+    out = []
+    for ref in refs:
+        out.append(keys.load_signing(ref, _passphrase(ref) if keys.is_encrypted(ref) else None))
+    return out
+
+
+def _publics(refs) -> list:
+    from ..bundle import keys
+
+    return [keys.load_public(r) for r in refs]
+
+
+def _expiry(text: str):
+    from datetime import datetime, timezone
+
+    from ..bundle.build import parse_duration
+
+    return datetime.now(timezone.utc).replace(microsecond=0) + parse_duration(text)
+
+
+# ----------------------------------------------------------------------------- keys
+
+@cli.group()
+def keys():
+    """Ed25519 signing keys ($EDGEOPS_HOME/keys; key id = sha256 of the public key)."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--passphrase", is_flag=True, help=f"Encrypt the private key (prompt, or ${PASS_ENV}).")
+@json_option
+def keys_generate(name, passphrase, as_json):
+    """Create NAME.key (private, mode 0600) and NAME.pub."""
+    from ..bundle import keys as k
+
+    pw = _passphrase(name, confirm=True) if passphrase else None
+    pub = k.generate(name, passphrase=pw)
+    if as_json:
+        _json_print({**pub.to_dict(), "path": str(k.keys_dir() / f"{name}.key"), "encrypted": bool(pw)})
+    else:
+        _out().print(f"key [bold]{_esc(name)}[/] {pub.keyid}\n  private {_esc(k.keys_dir() / (name + '.key'))} "
+                     f"(0600{', encrypted' if pw else ''})\n  public  {_esc(k.keys_dir() / (name + '.pub'))}")
+
+
+@keys.command("list")
+@json_option
+def keys_list(as_json):
+    """The keys in $EDGEOPS_HOME/keys."""
+    from rich.table import Table
+
+    from ..bundle import keys as k
+
+    rows = k.list_keys()
+    if as_json:
+        _json_print(rows)
+        return
+    if not rows:
+        _err().print(f"no keys in {_esc(k.keys_dir())} (edgeops keys generate NAME)")
+        return
+    t = Table("name", "key id (sha256 of public key)", "private", box=None)
+    for r in rows:
+        priv = "-" if not r["private"] else f"{r['mode']}{' encrypted' if r['encrypted'] else ''}"
+        t.add_row(_esc(r["name"]), r["keyid"], priv)
+    _out().print(t)
+
+
+# ----------------------------------------------------------------------------- trust
+
+def _trust_dir(folder):
+    from ..bundle import trust
+
+    return Path(folder) if folder else trust.default_dir()
+
+
+def _print_root(d: dict, folder, as_json) -> None:
+    if as_json:
+        _json_print({"folder": str(folder), **d})
+        return
+    out = _out()
+    out.print(f"trust root [bold]v{d['version']}[/] in {_esc(folder)}, expires {d['expires']}")
+    for role, r in d["roles"].items():
+        keys_ = ", ".join(f"{_esc(k['name'] or '?')} {k['keyid'][:16]}" for k in r["keys"])
+        out.print(f"  {role:<6} {r['threshold']} of {len(r['keys'])}: {keys_}")
+
+
+@cli.group()
+def trust():
+    """Trust roots: which keys may sign bundles (and the next root), with thresholds."""
+
+
+@trust.command("init")
+@click.argument("folder", required=False, type=click.Path(path_type=Path))
+@click.option("--key", "keys_", multiple=True, required=True, help="Bundle-signing key (repeatable).")
+@click.option("--threshold", type=int, default=1, show_default=True, help="Bundle signatures a device requires.")
+@click.option("--root-key", multiple=True, help="Key that signs root rotations (default: the --key keys).")
+@click.option("--root-threshold", type=int, default=1, show_default=True)
+@click.option("--expires", default="365d", show_default=True, help="Root lifetime (devices refuse an expired root).")
+@json_option
+def trust_init(folder, keys_, threshold, root_key, root_threshold, expires, as_json):
+    """Create a trust root in FOLDER (default $EDGEOPS_HOME/trust)."""
+    from ..bundle import trust as t
+
+    folder = _trust_dir(folder)
+    root = t.init(folder, _signers(root_key or keys_), _publics(keys_), threshold, root_threshold, _expiry(expires))
+    _print_root(t.describe(root), folder, as_json)
+
+
+@trust.command("rotate")
+@click.argument("folder", required=False, type=click.Path(path_type=Path))
+@click.option("--old-key", multiple=True, required=True, help="Current root key that signs the rotation (repeatable).")
+@click.option("--key", "keys_", multiple=True, required=True, help="Bundle-signing key of the new root.")
+@click.option("--threshold", type=int, default=1, show_default=True)
+@click.option("--root-key", multiple=True, help="Root key of the new root (default: the --key keys).")
+@click.option("--root-threshold", type=int, default=1, show_default=True)
+@click.option("--expires", default="365d", show_default=True)
+@json_option
+def trust_rotate(folder, old_key, keys_, threshold, root_key, root_threshold, expires, as_json):
+    """Write root version N+1, signed by the old root keys and the new ones."""
+    from ..bundle import trust as t
+
+    folder = _trust_dir(folder)
+    root = t.rotate(folder, _signers(old_key), _signers(root_key or keys_), _publics(keys_), threshold,
+                    root_threshold, _expiry(expires))
+    _print_root(t.describe(root), folder, as_json)
+
+
+@trust.command("update")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("root_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def trust_update(folder, root_file, as_json):
+    """Accept ROOT_FILE as the next root of FOLDER, only if the trusted root's keys signed it."""
+    from ..bundle import trust as t
+
+    root = t.apply(folder, root_file.read_bytes())
+    _print_root(t.describe(root), folder, as_json)
+
+
+@trust.command("show")
+@click.argument("folder", required=False, type=click.Path(path_type=Path))
+@json_option
+def trust_show(folder, as_json):
+    """The root in force in FOLDER."""
+    from ..bundle import trust as t
+
+    folder = _trust_dir(folder)
+    _print_root(t.describe(t.load(folder)), folder, as_json)
+
+
+# ----------------------------------------------------------------------------- bundle
+
+@cli.group()
+def bundle():
+    """Signed bundles: a registry version + manifest + health-check vectors, for one target."""
+
+
+@bundle.command("build")
+@click.argument("ref", metavar="NAME:VERSION")
+@click.option("--target", required=True, help="Target profile (edgeops targets list).")
+@click.option("--key", "keys_", multiple=True, required=True, help="Signing key name or path (repeatable).")
+@click.option("--threshold", type=int, help="Require at least this many distinct --key signatures.")
+@click.option("--expires", default="90d", show_default=True, help="Lifetime: devices refuse it afterwards.")
+@click.option("--slo-ms", type=float, help="Latency SLO the health check enforces.")
+@click.option("--slo-percentile", type=click.Choice(["p50", "p90", "p95", "p99"]), default="p99", show_default=True)
+@click.option("--trust", "trust_dir", type=click.Path(path_type=Path),
+              help="Trust folder to check the signatures against and embed (default $EDGEOPS_HOME/trust).")
+@click.option("--counter", type=int, help="Bundle counter (default: the registry's next one for this name).")
+@inputs_option
+@shape_option
+@click.option("--atol", type=float, help="Health-check absolute tolerance (default: per dtype).")
+@click.option("--rtol", type=float, help="Health-check relative tolerance (default: per dtype).")
+@click.option("--allow-failed-lineage", is_flag=True,
+              help="Bundle a model whose lineage records a failed parity or accuracy check.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@json_option
+def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile, trust_dir, counter, inputs,
+                 shapes, atol, rtol, allow_failed_lineage, out, as_json):
+    """Build a signed bundle of NAME:VERSION for TARGET, then verify it as a device would."""
+    from ..bundle.build import build, parse_duration
+    from ..verify import parse_shapes
+
+    if trust_dir is not None and not (trust_dir / "root.json").is_file():
+        raise UsageError(f"{trust_dir}: no root.json trust root", hint=f"edgeops trust init {trust_dir} --key NAME")
+    res = build(ref, target, _signers(keys_), out, threshold=threshold, expires=parse_duration(expires),
+                slo_ms=slo_ms, slo_percentile=slo_percentile, trust_dir=trust_dir, counter=counter,
+                inputs=inputs, shapes=parse_shapes(shapes), atol=atol, rtol=rtol,
+                allow_failed_lineage=allow_failed_lineage,
+                progress=lambda m: None if as_json else _err().print(f"[dim]{_esc(m)}[/]"))
+    if as_json:
+        _json_print(res.to_dict())
+        return
+    m = res.manifest
+    o = _out()
+    o.print(f"bundle [bold]{_esc(res.path)}[/] {_human_size(res.size)} sha256 {res.sha256[:16]}…")
+    o.print(f"  {_esc(m['name'])}:{m['version']} counter {m['counter']} target {_esc(m['target'])}, "
+            f"expires {m['expires']}")
+    o.print(f"  signed by {len(res.signed_by)} key(s)" +
+            (f", verified against trust root v{res.root_version}" if res.root_version else ""))
+    o.print(f"  health: {len(m['health']['inputs'])} input(s), {len(m['health']['expected'])} expected output(s)"
+            + (f", SLO {m['slo']['percentile']} <= {m['slo']['latency_ms']} ms" if m["slo"] else ""))
+    for w in res.warnings:
+        _err().print(f"[yellow]warning:[/] {_esc(w)}")
+
+
+@bundle.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--trust", "trust_dir", type=click.Path(path_type=Path),
+              help="Trust folder with root.json (default $EDGEOPS_HOME/trust).")
+@click.option("--target", help="This device's target: refuse bundles for another.")
+@click.option("--installed-version", metavar="X.Y.Z", help="Refuse a version not newer than this.")
+@click.option("--installed-counter", type=int, metavar="N", help="Refuse a bundle counter not above this.")
+@click.option("--allow-same-version", is_flag=True,
+              help="Accept the installed version again if its counter is newer (a re-signed bundle).")
+@click.option("--health", is_flag=True, help="Also run the health check here (reference outputs, SLO).")
+@click.option("--update-trust", is_flag=True, help="Save a newer trust root the bundle carries (after it verifies).")
+@json_option
+def bundle_verify(path, trust_dir, target, installed_version, installed_counter, allow_same_version, health,
+                  update_trust, as_json):
+    """Verify PATH exactly as a device does before installing it. Exit 1 if refused."""
+    from ..agent import verifier as v
+    from ..bundle import build as b
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such bundle")
+    if installed_version is not None:
+        try:
+            v.semver(installed_version, "--installed-version")
+        except v.Refused as exc:
+            raise UsageError(str(exc)) from None
+    installed = (v.Installed(installed_counter, installed_version)
+                 if installed_version is not None or installed_counter is not None else None)
+    folder = _trust_dir(trust_dir)
+    work = Path(tempfile.mkdtemp(prefix="edgeops-verify-")) if health else None
+    try:
+        res = b.verify(path, folder, target=target, installed=installed, allow_same_version=allow_same_version,
+                       extract_to=work / "payload" if work else None)
+        report = res.to_dict()
+        report.pop("manifest")
+        if res.ok and health:
+            from ..agent import health as h
+
+            report["health"] = h.run(work / "payload", res.manifest)
+        if res.ok and update_trust and res.root_updates:
+            for data in res.root_updates:
+                v.save_trust(folder, data)
+        notes = []
+        if target is None:
+            notes.append("target not checked (pass --target)")
+        if installed is None:
+            notes.append("rollback not checked (pass --installed-version / --installed-counter)")
+        report["not_checked"] = notes
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    ok = res.ok and report.get("health", {}).get("passed", True)
+    if as_json:
+        _json_print({**report, "ok": ok})
+    else:
+        _render_verify(res, report)
+    if not ok:
+        raise SystemExit(EXIT_VERIFY)
+
+
+def _render_verify(res, report) -> None:
+    if not res.ok:
+        err = _err()
+        err.print(f"[bold red]REFUSED[/] {_esc(res.path)}")
+        for f in res.failures:
+            err.print(f"  [red]{f.code}[/]: {_esc(f.message)}")
+        return
+    m, o = res.manifest, _out()
+    o.print(f"[bold green]VERIFIED[/] {_esc(res.path)}: {_esc(m['name'])}:{m['version']} counter {m['counter']} "
+            f"target {_esc(m['target'])}")
+    o.print(f"  checked: {', '.join(res.checked)}")
+    o.print(f"  signed by {', '.join(k[:16] for k in res.signed_by)} (trust root v{res.root_version}"
+            f"{', updated' if res.root_updates else ''})")
+    for n in report["not_checked"]:
+        o.print(f"  [yellow]not checked:[/] {n}")
+    hr = report.get("health")
+    if hr:
+        status = "[green]PASSED[/]" if hr["passed"] else "[bold red]FAILED[/]"
+        o.print(f"  health check {status}: latency p50 {hr['latency_ms']['p50']:.3f} ms, "
+                f"p99 {hr['latency_ms']['p99']:.3f} ms")
+        for n, r in hr["outputs"].items():
+            detail = (f"max abs {r['max_abs']:.2e} (atol {r['atol']:.1e}, rtol {r['rtol']:.1e})"
+                      if "max_abs" in r else r.get("reason") or f"agreement {100 * r.get('agreement', 0):.1f}%")
+            o.print(f"    {_esc(n)}: {'ok' if r['passed'] else 'MISMATCH'} {_esc(detail)}")
+        if "slo" in hr:
+            s = hr["slo"]
+            o.print(f"    SLO {s['percentile']} {s['measured_ms']:.3f} ms <= {s['limit_ms']} ms: "
+                    f"{'ok' if s['passed'] else 'BREACHED'}")
+
+
+@bundle.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@json_option
+def bundle_inspect(path, as_json):
+    """Show what a bundle claims, WITHOUT verifying it (use `bundle verify` for that)."""
+    from ..bundle.build import inspect
+
+    d = inspect(path)
+    if as_json:
+        _json_print(d)
+        return
+    m, o = d["manifest"], _out()
+    o.print(f"[bold]{_esc(m.get('name'))}:{_esc(m.get('version'))}[/] counter {m.get('counter')} "
+            f"target {_esc(m.get('target'))} (UNVERIFIED: run bundle verify)")
+    o.print(f"  created {m.get('created')}, expires {m.get('expires')}, {len(d['signatures'])} signature(s)")
+    rt = m.get("runtime") or {}
+    o.print(f"  runtime: {rt.get('engine')} >= {rt.get('min_version')} (opset {rt.get('opset')}, "
+            f"built with {rt.get('built_with')}), isa {rt.get('isa')}")
+    if m.get("slo"):
+        o.print(f"  SLO: {m['slo']['percentile']} <= {m['slo']['latency_ms']} ms")
+    for p in m.get("parity") or []:
+        o.print(f"  parity: {_esc(p.get('step'))} {_esc(p.get('from') or '')}->{_esc(p.get('to') or '')} "
+                f"{p.get('status')} max abs {p.get('max_abs')}")
+    from rich.table import Table
+
+    t = Table("entry", "size", "sha256 (manifest)", box=None)
+    files = m.get("files") or {}
+    for e in d["entries"]:
+        t.add_row(_esc(e["name"]), _human_size(e["size"]), (files.get(e["name"]) or {}).get("sha256", "")[:16])
+    o.print(t)
