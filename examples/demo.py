@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,37 @@ class _Payload:
         return (os.system, (f"touch {OUT / 'PWNED'}",))
 
 
+def registry_and_bundle() -> None:
+    home = OUT / "edgeops-home"
+    for stale in ("keys", "trust", "blobs", "registry.db", "registry.db-wal", "registry.db-shm",
+                  "registry.db.lock"):
+        p = home / stale
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    run("registry", "add", "digits_cnn.onnx", "--name", "digits-cnn", "--tag", "demo")
+    run("registry", "attach", "digits-cnn:0.1.0", "bench_host.json")
+    # the quantized model's lineage names digits_cnn.onnx as its source: the registry links them
+    run("registry", "add", "digits_cnn.opt.onnx", "--name", "digits-cnn")
+    run("registry", "show", "digits-cnn:0.1.1")
+    run("registry", "compare", "digits-cnn:0.1.0", "digits-cnn:0.1.1")
+    run("registry", "promote", "digits-cnn:0.1.1", "--stage", "staging")
+    # two keys, and a trust root that requires both signatures
+    run("keys", "generate", "release")
+    run("keys", "generate", "qa")
+    run("trust", "init", "--key", "release", "--key", "qa", "--threshold", "2")
+    run("bundle", "build", "digits-cnn:0.1.1", "--target", "rpi4", "--key", "release", "--key", "qa",
+        "--slo-ms", "50", "-o", "digits-cnn.bundle")
+    run("bundle", "inspect", "digits-cnn.bundle")
+    run("bundle", "verify", "digits-cnn.bundle", "--target", "rpi4", "--installed-version", "0.1.0", "--health")
+    print("\n   refusals: one signature of two, another target, a rollback, one flipped byte")
+    run("bundle", "build", "digits-cnn:0.1.1", "--target", "rpi4", "--key", "release", "-o", "x.bundle", expect=2)
+    run("bundle", "verify", "digits-cnn.bundle", "--target", "jetson-nano", "--installed-version", "0.1.1",
+        expect=1)
+    data = bytearray((OUT / "digits-cnn.bundle").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (OUT / "tampered.bundle").write_bytes(bytes(data))
+    run("bundle", "verify", "tampered.bundle", "--target", "rpi4", expect=1)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for stale in OUT.glob("PWNED"):
@@ -197,7 +229,8 @@ def main() -> None:
 
     print("\n== 8. latency: measured here, predicted for a Raspberry Pi 4, measured on a device")
     run("targets", "list")
-    run("bench", "digits_cnn.onnx", "--min-seconds", "2", "--budget-ms", "5", "--percentile", "p99")
+    run("bench", "digits_cnn.onnx", "--min-seconds", "2", "--budget-ms", "5", "--percentile", "p99",
+        "--report", "bench_host.json")
     run("bench", "digits_cnn.onnx", "--target", "rpi4", "--predict", "--budget-ms", "5")
     # fit this machine's efficiency factors on the fixed suite, then predict with them
     run("targets", "calibrate", "host", "--local", "--seconds", "0.5")
@@ -205,6 +238,9 @@ def main() -> None:
     # a budget breach exits 1
     run("bench", "digits_cnn.onnx", "--runs", "200", "--budget-ms", "0.0001", expect=1)
     on_device()
+
+    print("\n== 9. registry with lineage, then a signed bundle that a device verifies (or refuses)")
+    registry_and_bundle()
 
     print("\n== the conversion matrix on this machine")
     run("formats")

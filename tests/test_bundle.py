@@ -125,12 +125,12 @@ def test_build_verify_and_manifest(setup, tmp_path):
     ok = v.verify_bundle(out, root, target="rpi4", installed=v.Installed(0, "0.9.0"))
     assert ok.ok, ok.failures
     assert ok.checked == ["archive", "trust root v1", "signatures 2/2", "expiry", "target",
-                          "newer than installed", "3 file hashes"]
+                          "newer than installed", "4 file hashes"]
     # the next build of the same name gets the next counter, recorded in the registry
     res2 = b.build("clf:1.0.0", "rpi4", signers, tmp_path / "clf2.bundle")
     assert res2.manifest["counter"] == 2
-    assert v.verify_bundle(tmp_path / "clf2.bundle", root, installed=v.Installed(1, None)).ok
-    refused = v.verify_bundle(out, root, installed=v.Installed(1, None))
+    assert v.verify_bundle(tmp_path / "clf2.bundle", root, target=None, installed=v.Installed(1, None)).ok
+    refused = v.verify_bundle(out, root, target=None, installed=v.Installed(1, None))
     assert not refused.ok and refused.failures[0].code == "rollback"
     # python's tarfile reads bundles too (users can look inside with tar tvf)
     import tarfile
@@ -147,6 +147,8 @@ def test_same_inputs_give_same_bytes(setup, tmp_path, monkeypatch):
     assert a.sha256 == c.sha256
     d = b.build("clf:1.0.0", "rpi4", signers, tmp_path / "d.bundle", counter=8)
     assert d.sha256 != a.sha256
+    # an explicit counter moves the allocator past it: the next automatic one is newer
+    assert b.build("clf:1.0.0", "rpi4", signers, tmp_path / "e.bundle").manifest["counter"] == 9
 
 
 def test_health_vectors_run_from_the_verified_bundle(setup, tmp_path):
@@ -220,7 +222,7 @@ def test_key_rotation_reaches_devices_through_the_bundle(setup, tmp_path):
     out = tmp_path / "r.bundle"
     b.build("clf:1.0.0", "rpi4", [new], out)   # old keys no longer needed
     old_root = v.load_trust(device_trust)
-    res = v.verify_bundle(out, old_root, target="rpi4")
+    res = v.verify_bundle(out, old_root, target="rpi4", installed=None)
     assert res.ok and res.root_version == 2 and len(res.root_updates) == 1
     # the CLI persists the newer root only when asked, and only after the bundle verified
     r = _cli("bundle", "verify", out, "--trust", device_trust, "--target", "rpi4", "--update-trust", "--json")
@@ -302,7 +304,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import verifier, health
 root = verifier.load_trust({str(trust.default_dir())!r})
-res = verifier.verify_bundle({str(out)!r}, root, target='rpi4', extract_to={str(tmp_path / 'x')!r})
+res = verifier.verify_bundle({str(out)!r}, root, target='rpi4', installed=None, extract_to={str(tmp_path / 'x')!r})
 assert res.ok, res.failures
 assert health.run({str(tmp_path / 'x')!r}, res.manifest, runs=2)['passed']
 allowed = ('cryptography', 'numpy', 'onnxruntime')
@@ -314,3 +316,36 @@ print(sorted({{m.split('.')[0] for m in sys.modules}} - set(sys.stdlib_module_na
     extra = [m for m in eval(r.stdout.strip().splitlines()[-1]) if not m.startswith("_")]
     # onnxruntime and cryptography pull in a few helpers of their own (cffi, packaging ...)
     assert not [m for m in extra if m in ("edgeops", "onnx", "click", "rich", "paramiko", "torch")], extra
+
+
+def test_a_model_that_failed_a_check_is_not_bundled_by_default(setup, tmp_path):
+    from edgeops import lineage
+
+    reg, signers = setup
+    m = _model(tmp_path / "q.onnx", seed=3)
+    rec = lineage.make_record("optimize.quantize", tmp_path / "clf.onnx", "0" * 64, "onnx",
+                              {"quantize": {"passed": False, "metric": "accuracy", "max_drop": 0.01}})
+    lineage.write_onnx_lineage(m, rec)
+    reg.add(m, "q")
+    with pytest.raises(b.BundleError, match="failed a check"):
+        b.build("q", "rpi4", signers, tmp_path / "q.bundle")
+    res = b.build("q", "rpi4", signers, tmp_path / "q.bundle", allow_failed_lineage=True)
+    assert any("failed check" in w for w in res.warnings)
+
+
+def test_counters_are_one_sequence_so_other_models_cannot_replay(setup, tmp_path):
+    """A device running model A (counter 2) is offered an older, validly signed bundle of model
+    B (counter 1): refused, because every bundle of the registry shares one counter sequence."""
+    reg, signers = setup
+    reg.add(_model(tmp_path / "other.onnx", seed=5), "other")
+    old_b = b.build("other", "rpi4", signers, tmp_path / "b1.bundle")
+    a = b.build("clf:1.0.0", "rpi4", signers, tmp_path / "a2.bundle")
+    assert (old_b.manifest["counter"], a.manifest["counter"]) == (1, 2)
+    root = v.load_trust(trust.default_dir())
+    here = v.Installed(counter=2, version="1.0.0", name="clf")
+    res = v.verify_bundle(tmp_path / "b1.bundle", root, target="rpi4", installed=here)
+    assert not res.ok and [f.code for f in res.failures] == ["rollback"]
+    new_b = b.build("other", "rpi4", signers, tmp_path / "b3.bundle")
+    res = v.verify_bundle(tmp_path / "b3.bundle", root, target="rpi4", installed=here)
+    assert res.ok and "model changes clf -> other" in " ".join(res.checked)
+    assert res.manifest_sha256 == hashlib.sha256(v.canonical(new_b.manifest)).hexdigest()

@@ -271,7 +271,8 @@ def test_attach_bench_reports_show_and_compare(reg, tmp_path):
 
 def test_bundle_counters_and_records(reg, tmp_path):
     assert [reg.next_bundle_counter("m") for _ in range(3)] == [1, 2, 3]
-    assert reg.next_bundle_counter("other") == 1
+    # one sequence for every model: an old bundle of another model can never look newer
+    assert reg.next_bundle_counter("other") == 4
     reg.add(_model(tmp_path / "a.onnx"), "m")
     reg.record_bundle("m", "0.1.0", "rpi4", 3, "ab" * 32, tmp_path / "m.bundle",
                       "2030-01-01T00:00:00+00:00", ["key1"])
@@ -280,6 +281,9 @@ def test_bundle_counters_and_records(reg, tmp_path):
     assert reg.events("m")[-1]["action"] == "bundle"
     with pytest.raises(RegistryError):
         reg.record_bundle("m", "9.9.9", "rpi4", 4, "ab" * 32, "x", None, [])
+    # an explicit counter above the sequence moves it on
+    reg.record_bundle("m", "0.1.0", "rpi4", 40, "cd" * 32, tmp_path / "m2.bundle", None, [])
+    assert reg.next_bundle_counter("m") == 41
 
 
 def test_storage_urls(home, tmp_path, monkeypatch):

@@ -48,6 +48,9 @@ BLOCK = 512
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 SEMVER = re.compile(r"(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})\.(0|[1-9]\d{0,8})")
 HEX64 = re.compile(r"[0-9a-f]{64}")
+SIG_HEX = re.compile(r"[0-9a-f]{128}")      # lowercase only: one encoding per signature
+OCTAL = re.compile(rb"[0-7]{1,12}")
+ROOT_NAME = re.compile(r"roots/([1-9]\d{0,6})\.root\.json")
 # names a bundle may contain: a conservative portable set (no spaces, no backslashes, no ':')
 NAME_OK = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
@@ -89,6 +92,7 @@ class Limits:
     max_entry_bytes: int = (8 << 30) - 1     # ustar's 11 octal digits
     max_metadata_bytes: int = 16 << 20       # manifest.json (reference vectors are files, not JSON)
     max_root_bytes: int = 1 << 20
+    max_roots: int = 1000
     max_entries: int = 10_000
     max_name_bytes: int = 255
 
@@ -120,9 +124,10 @@ def parse_canonical(data: bytes, what: str):
     try:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
                          parse_constant=_no_constants)
+        again = canonical(obj)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise Refused("metadata", f"{what} is not valid JSON ({exc})") from None
-    if canonical(obj) != data:
+    if again != data:
         raise Refused("metadata", f"{what} is not in canonical form (altered or hand-edited)")
     return obj
 
@@ -182,6 +187,8 @@ def _role(signed: dict, name: str, keys: dict) -> Role:
             or isinstance(r.get("threshold"), bool):
         raise Refused("root", f"root role {name!r} is missing or malformed")
     ids = r["keyids"]
+    if not all(isinstance(k, str) for k in ids):
+        raise Refused("root", f"root role {name!r} key ids must be strings")
     if len(set(ids)) != len(ids) or any(k not in keys for k in ids):
         raise Refused("root", f"root role {name!r} lists duplicate or undefined key ids")
     if not 1 <= r["threshold"] <= len(ids):
@@ -191,6 +198,13 @@ def _role(signed: dict, name: str, keys: dict) -> Role:
 
 def parse_root(data: bytes) -> tuple[Root, list]:
     """Parse (not yet trust) a root envelope; returns the Root and its signature list."""
+    try:
+        return _parse_root(data)
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:   # malformed in a way not foreseen
+        raise Refused("root", f"malformed root metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_root(data: bytes) -> tuple[Root, list]:
     env = parse_canonical(data, "root metadata")
     if not isinstance(env, dict) or set(env) != {"signed", "signatures"} or not isinstance(env["signed"], dict):
         raise Refused("root", "root metadata must be {\"signed\": {...}, \"signatures\": [...]}")
@@ -204,8 +218,9 @@ def parse_root(data: bytes) -> tuple[Root, list]:
         raise Refused("root", "root has no keys")
     keys, names = {}, {}
     for kid, k in s["keys"].items():
-        if not isinstance(k, dict) or k.get("keytype") != "ed25519" or not isinstance(k.get("public"), str):
-            raise Refused("root", f"root key {kid[:16]} is not an ed25519 key")
+        if not isinstance(k, dict) or k.get("keytype") != "ed25519" or not isinstance(k.get("public"), str) \
+                or not HEX64.fullmatch(k["public"]):
+            raise Refused("root", f"root key {kid[:16]} is not an ed25519 key (64 lowercase hex digits)")
         try:
             raw = bytes.fromhex(k["public"])
             pub = Ed25519PublicKey.from_public_bytes(raw)
@@ -224,16 +239,18 @@ def count_signatures(kind: str, signed: dict, signatures, root: Root, role: str)
         raise Refused("signature", "signatures must be a list")
     msg = signing_message(kind, signed)
     allowed = set(root.roles[role].keyids)
-    good, unknown, bad = [], [], []
+    good, unknown, bad, seen = [], [], [], set()
     for sig in signatures:
         if not isinstance(sig, dict) or set(sig) != {"keyid", "sig"} or not isinstance(sig["keyid"], str) \
-                or not isinstance(sig["sig"], str):
-            raise Refused("signature", "a signature entry is malformed (need keyid and sig)")
+                or not isinstance(sig["sig"], str) or not HEX64.fullmatch(sig["keyid"]) \
+                or not SIG_HEX.fullmatch(sig["sig"]):
+            raise Refused("signature", "a signature entry is malformed (keyid: 64 and sig: 128 lowercase hex digits)")
         kid = sig["keyid"]
+        if kid in seen:
+            raise Refused("signature", f"two signatures by the same key {kid[:16]}")
+        seen.add(kid)
         if kid not in allowed:
             unknown.append(kid)
-            continue
-        if kid in good:
             continue
         try:
             root.keys[kid].verify(bytes.fromhex(sig["sig"]), msg)
@@ -252,8 +269,11 @@ def _require_threshold(kind: str, signed: dict, signatures, root: Root, role: st
              f"needs {need}"]
     if bad:
         parts.append("invalid signature from " + ", ".join(k[:16] for k in bad))
-    if unknown:
-        parts.append("signed by unknown key(s) " + ", ".join(k[:16] for k in unknown))
+    other = [k for k in unknown if k in root.keys]
+    if other:
+        parts.append(f"key(s) {', '.join(k[:16] for k in other)} are in the root but not allowed to sign as {role}")
+    if len(other) < len(unknown):
+        parts.append("signed by unknown key(s) " + ", ".join(k[:16] for k in unknown if k not in root.keys))
     if not signatures:
         parts.append("it is unsigned")
     raise Refused("signature", "; ".join(parts))
@@ -263,8 +283,7 @@ def load_root(data: bytes, now: datetime | None = None, check_expiry: bool = Tru
     """A root trusted by placement (the trust folder): still must be self-signed to threshold."""
     try:
         root, sigs = parse_root(data)
-        env = json.loads(data)
-        _require_threshold(ROOT_TYPE, env["signed"], sigs, root, "root", f"root v{root.version}")
+        _require_threshold(ROOT_TYPE, json.loads(data)["signed"], sigs, root, "root", f"root v{root.version}")
     except Refused as exc:
         raise TrustError(f"trusted root: {exc}") from None
     if check_expiry and (now or datetime.now(timezone.utc)) >= root.expires:
@@ -298,13 +317,17 @@ def update_root(trusted: Root, data: bytes) -> Root:
     return new
 
 
-def apply_root_updates(trusted: Root, roots: dict[int, bytes]) -> tuple[Root, list[bytes]]:
-    """Walk a chain of newer roots (version -> bytes) from the trusted one. Older or equal
-    versions are ignored; a gap stops nothing (the newest reachable root is used)."""
+def apply_root_updates(trusted: Root, roots) -> tuple[Root, list[bytes]]:
+    """Walk a chain of newer roots (a mapping version -> bytes, read on demand) from the trusted
+    one, one version at a time. Older or equal versions are not used (a bundle must still list
+    their hashes in its signed manifest); a gap in the chain is refused."""
     applied = []
     while trusted.version + 1 in roots:
         trusted = update_root(trusted, roots[trusted.version + 1])
         applied.append(roots[trusted.version])
+    beyond = sorted(n for n in roots if n > trusted.version)
+    if beyond:
+        raise Refused("root", f"root chain is incomplete: it has v{beyond[0]} but not v{trusted.version + 1}")
     return trusted, applied
 
 
@@ -421,6 +444,12 @@ def _field(h: bytes, a: int, b: int) -> bytes:
     return h[a:b].split(b"\x00", 1)[0]
 
 
+def _octal_field(raw: bytes) -> int | None:
+    """Octal digits only (int() would also take '-', '_' and spaces inside)."""
+    t = raw.split(b"\x00", 1)[0].strip(b" ")
+    return int(t, 8) if OCTAL.fullmatch(t) else None
+
+
 def scan_archive(f, file_size: int, limits: Limits = Limits()) -> list[Entry]:
     """Walk every header: refuse unsafe members first (so an attack gets its own name as the
     reason), then require every byte to be the canonical encoding."""
@@ -444,12 +473,7 @@ def scan_archive(f, file_size: int, limits: Limits = Limits()) -> list[Entry]:
         h = f.read(BLOCK)
         if h == bytes(BLOCK):
             break
-        stored = _field(h, 148, 156).strip()
-        try:
-            want = int(stored, 8)
-        except ValueError:
-            want = -1
-        if want != sum(h[:148]) + 256 + sum(h[156:]):
+        if _octal_field(h[148:156]) != sum(h[:148]) + 256 + sum(h[156:]):
             raise Refused("archive", f"corrupt tar header at byte {pos} (checksum)")
         prefix, base = _field(h, 345, 500), _field(h, 0, 100)
         try:
@@ -469,13 +493,11 @@ def scan_archive(f, file_size: int, limits: Limits = Limits()) -> list[Entry]:
         if folded in seen:
             raise Refused("unsafe-entry", f"duplicate entry {name!r} (also {seen[folded]!r})")
         seen[folded] = name
-        raw_size = h[124:136]
-        if raw_size[:1] and raw_size[0] & 0x80:
+        if h[124] & 0x80:
             raise Refused("unsafe-entry", f"entry {name!r} uses a base-256 size (over 8 GiB)")
-        try:
-            size = int(_field(h, 124, 136).strip() or b"0", 8)
-        except ValueError:
-            raise Refused("archive", f"entry {name!r} has a malformed size field") from None
+        size = _octal_field(h[124:136])
+        if size is None:
+            raise Refused("archive", f"entry {name!r} has a malformed size field")
         if size > limits.max_entry_bytes:
             raise Refused("unsafe-entry", f"entry {name!r} declares {size} bytes, over the "
                                           f"{limits.max_entry_bytes}-byte limit")
@@ -524,6 +546,19 @@ def _read(f, e: Entry, cap: int, what: str) -> bytes:
 
 # ----------------------------------------------------------------------------- the manifest
 
+def _file_table(table, what: str, prefix_ok) -> None:
+    if not isinstance(table, dict):
+        raise Refused("metadata", f"manifest {what} must be an object")
+    for name, info in table.items():
+        why = check_name(name) or prefix_ok(name)
+        if why:
+            raise Refused("metadata", f"manifest {what} entry {name!r}: {why}")
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) \
+                or not HEX64.fullmatch(info["sha256"]) or not isinstance(info.get("size"), int) \
+                or isinstance(info.get("size"), bool) or info["size"] < 0:
+            raise Refused("metadata", f"manifest {what} entry {name!r} needs a sha256 (64 lowercase hex) and a size")
+
+
 def check_manifest(m) -> None:
     """Structure of a signed manifest (unknown fields are allowed and kept)."""
     if not isinstance(m, dict) or m.get("_type") != BUNDLE_TYPE:
@@ -540,22 +575,23 @@ def check_manifest(m) -> None:
     if parse_time(m.get("created"), "created") > parse_time(m.get("expires"), "expires"):
         raise Refused("metadata", "manifest expires before it was created")
     files = m.get("files")
-    if not isinstance(files, dict) or not files:
+    if not files:
         raise Refused("metadata", "manifest lists no files")
-    for name, info in files.items():
-        why = check_name(name) or (None if name.startswith(PAYLOAD_DIR) else "not under payload/")
-        if why:
-            raise Refused("metadata", f"manifest file {name!r}: {why}")
-        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) \
-                or not HEX64.fullmatch(info["sha256"]) or not isinstance(info.get("size"), int) \
-                or isinstance(info.get("size"), bool) or info["size"] < 0:
-            raise Refused("metadata", f"manifest file {name!r} needs a sha256 (64 hex) and a size")
-    if m.get("model") not in files:
+    _file_table(files, "files", lambda n: None if n.startswith(PAYLOAD_DIR) else "not under payload/")
+    _file_table(m.get("roots", {}), "roots", lambda n: None if ROOT_NAME.fullmatch(n) else "not roots/N.root.json")
+    if not isinstance(m.get("model"), str) or m["model"] not in files:
         raise Refused("metadata", "manifest 'model' is not one of its files")
-    health = m.get("health") or {}
+    health = m.get("health")
+    if health is None:
+        return
+    if not isinstance(health, dict):
+        raise Refused("metadata", "manifest health must be an object")
     for group in ("inputs", "expected"):
-        for ref in (health.get(group) or {}).values():
-            if not isinstance(ref, dict) or ref.get("file") not in files:
+        refs = health.get(group) or {}
+        if not isinstance(refs, dict):
+            raise Refused("metadata", f"manifest health {group} must be an object")
+        for ref in refs.values():
+            if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or ref["file"] not in files:
                 raise Refused("metadata", f"health {group} refer to a file the manifest does not list")
 
 
@@ -563,9 +599,12 @@ def check_manifest(m) -> None:
 
 @dataclass
 class Installed:
-    """What the device runs now (from its state.json): bundles must be strictly newer."""
+    """What the device runs now (from its state.json). Counters are one sequence per publisher
+    (the registry's), so a bundle of any model must carry a higher counter; versions are
+    compared only within the same model name."""
     counter: int | None = None
     version: str | None = None
+    name: str | None = None
 
 
 @dataclass
@@ -574,6 +613,7 @@ class VerifyResult:
     ok: bool = False
     failures: list[Failure] = field(default_factory=list)
     manifest: dict | None = None
+    manifest_sha256: str | None = None      # identity of the signed content (signatures excluded)
     signed_by: list[str] = field(default_factory=list)
     root_version: int | None = None
     root_updates: list[bytes] = field(default_factory=list)   # to persist only if installed
@@ -589,22 +629,43 @@ class VerifyResult:
         return {"path": self.path, "ok": self.ok, "failures": [x.to_dict() for x in self.failures],
                 "signed_by": self.signed_by, "root_version": self.root_version,
                 "root_updated": bool(self.root_updates), "checked": self.checked,
-                "manifest": self.manifest, "extracted": self.extracted}
+                "manifest_sha256": self.manifest_sha256, "manifest": self.manifest,
+                "extracted": self.extracted}
 
 
-def verify_bundle(path: str | Path, trusted: Root, *, target: str | None = None,
-                  installed: Installed | None = None, now: datetime | None = None,
-                  allow_same_version: bool = False, extract_to: str | Path | None = None,
-                  limits: Limits = Limits()) -> VerifyResult:
-    """Every check a device makes before installing. Archive and signature failures stop at
-    once (nothing unsigned is interpreted); after the signature, every policy failure is listed.
-    With `extract_to`, payload files are written there while being hashed (one read, so the
-    bytes checked are the bytes installed); the folder is only filled if everything passed."""
+class _Roots:
+    """roots/N.root.json entries, read only when the chain walk asks for version N."""
+
+    def __init__(self, f, entries: dict[int, Entry], limits: Limits):
+        self.f, self.entries, self.limits = f, entries, limits
+
+    def __contains__(self, n) -> bool:
+        return n in self.entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __getitem__(self, n) -> bytes:
+        e = self.entries[n]
+        return _read(self.f, e, self.limits.max_root_bytes, e.name)
+
+
+def verify_bundle(path: str | Path, trusted: Root, *, target: str | None, installed: Installed | None,
+                  now: datetime | None = None, allow_same_version: bool = False,
+                  extract_to: str | Path | None = None, limits: Limits = Limits()) -> VerifyResult:
+    """Every check a device makes before installing. `target` and `installed` must be passed
+    (None skips that check, explicitly). Archive and signature failures stop at once (nothing
+    unsigned is interpreted); after the signature, every policy failure is listed. With
+    `extract_to` (a new folder in an existing one), payload files are written there while being
+    hashed (one read, so the bytes checked are the bytes installed); the folder only appears
+    if everything passed."""
     res = VerifyResult(str(path))
     now = now or datetime.now(timezone.utc)
     tmp = None
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise Refused("archive", "not a regular file")
@@ -619,11 +680,13 @@ def verify_bundle(path: str | Path, trusted: Root, *, target: str | None = None,
             roots = {}
             for e in entries:
                 if e.name.startswith(ROOTS_DIR):
-                    m = re.fullmatch(r"roots/([1-9]\d{0,6})\.root\.json", e.name)
+                    m = ROOT_NAME.fullmatch(e.name)
                     if not m:
                         raise Refused("unsafe-entry", f"unexpected entry {e.name!r} under roots/")
-                    roots[int(m.group(1))] = _read(f, e, limits.max_root_bytes, e.name)
-            root, res.root_updates = apply_root_updates(trusted, roots)
+                    roots[int(m.group(1))] = e
+            if len(roots) > limits.max_roots:
+                raise Refused("unsafe-entry", f"more than {limits.max_roots} roots")
+            root, res.root_updates = apply_root_updates(trusted, _Roots(f, roots, limits))
             res.root_version = root.version
             if now >= root.expires:
                 raise Refused("expired", f"trust root v{root.version} expired at {format_time(root.expires)}; "
@@ -634,31 +697,37 @@ def verify_bundle(path: str | Path, trusted: Root, *, target: str | None = None,
             res.checked.append(f"signatures {len(res.signed_by)}/{root.roles['bundle'].threshold}")
             check_manifest(signed)
             res.manifest = signed
+            res.manifest_sha256 = hashlib.sha256(canonical(signed)).hexdigest()
             _policy(res, signed, now, target, installed, allow_same_version)
-            listed = set(signed["files"])
-            present = {n for n in by_name if n.startswith(PAYLOAD_DIR)}
-            unexpected = [n for n in by_name if n != MANIFEST and not n.startswith((PAYLOAD_DIR, ROOTS_DIR))]
-            for n in sorted(present - listed) + unexpected:
+            # every entry but manifest.json is listed with its hash: payload in "files", the
+            # root chain in "roots" (also the versions this device did not need to apply)
+            listed = {**signed["files"], **signed.get("roots", {})}
+            for n in sorted(set(by_name) - set(listed) - {MANIFEST}):
                 res.failures.append(Failure("files", f"{n} is in the archive but not in the signed manifest"))
-            for n in sorted(listed - present):
+            for n in sorted(set(listed) - set(by_name)):
                 res.failures.append(Failure("files", f"{n} is in the manifest but missing from the archive"))
+            rest = [e.name for e in entries[1:]]
+            if not res.failures and rest != sorted(rest):   # one byte order per bundle
+                res.failures.append(Failure("archive", "entries after manifest.json are not in sorted order"))
             if res.failures:
                 return res
             if extract_to is not None:
                 dest = Path(extract_to)
                 if dest.exists():
                     raise Refused("files", f"extraction folder {dest} already exists")
+                if not dest.parent.is_dir():
+                    raise Refused("files", f"the parent of the extraction folder {dest} does not exist")
                 tmp = dest.with_name(dest.name + ".partial")
                 if tmp.exists():
                     raise Refused("files", f"{tmp} exists (an interrupted extraction?); remove it first")
+                tmp.mkdir()
             for n in sorted(listed):
-                want = signed["files"][n]
-                e = by_name[n]
+                want, e = listed[n], by_name[n]
                 if e.size != want["size"]:
                     res.failures.append(Failure("files", f"{n} is {e.size} bytes, the manifest says {want['size']}"))
                     continue
                 out = None
-                if tmp is not None:
+                if tmp is not None and n in signed["files"]:
                     target_path = tmp.joinpath(*n[len(PAYLOAD_DIR):].split("/"))
                     target_path.parent.mkdir(parents=True, exist_ok=True)
                     out = open(target_path, "xb")
@@ -676,14 +745,16 @@ def verify_bundle(path: str | Path, trusted: Root, *, target: str | None = None,
             return res
     except Refused as exc:
         res.failures.append(exc.failure)
-        return res
     except OSError as exc:
         res.failures.append(Failure("archive", f"cannot read the bundle: {exc}"))
-        return res
+    except Exception as exc:  # fail closed: a verifier that crashes must still say no
+        res.failures.append(Failure("malformed", f"malformed bundle ({type(exc).__name__}: {exc})"))
     finally:
         if tmp is not None and Path(tmp).exists():
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
+    res.ok = False
+    return res
 
 
 def _hash_entry(f, e: Entry, out=None) -> str:
@@ -723,17 +794,20 @@ def _policy(res: VerifyResult, m: dict, now: datetime, target: str | None,
             res.failures.append(Failure("target", f"bundle is for target {m['target']!r}, this device is {target!r}"))
         else:
             res.checked.append("target")
-    if installed is not None:
-        bad = False
-        if installed.counter is not None and m["counter"] <= installed.counter:
-            res.failures.append(Failure("rollback", f"bundle counter {m['counter']} is not newer than the installed "
-                                                    f"{installed.counter} (rollback protection)"))
+    if installed is None:
+        return
+    bad = False
+    if installed.counter is not None and m["counter"] <= installed.counter:
+        res.failures.append(Failure("rollback", f"bundle counter {m['counter']} is not newer than the installed "
+                                                f"{installed.counter} (rollback protection)"))
+        bad = True
+    same_model = installed.name is None or installed.name == m["name"]
+    if installed.version is not None and same_model:
+        have, new = semver(installed.version, "installed version"), semver(m["version"])
+        if new < have or (new == have and not allow_same_version):
+            res.failures.append(Failure("rollback", f"bundle version {m['version']} is not newer than the "
+                                                    f"installed {installed.version} (rollback protection)"))
             bad = True
-        if installed.version is not None:
-            have, new = semver(installed.version, "installed version"), semver(m["version"])
-            if new < have or (new == have and not allow_same_version):
-                res.failures.append(Failure("rollback", f"bundle version {m['version']} is not newer than the "
-                                                        f"installed {installed.version} (rollback protection)"))
-                bad = True
-        if not bad:
-            res.checked.append("newer than installed")
+    if not bad:
+        res.checked.append("newer than installed" if same_model else
+                           f"newer than installed (model changes {installed.name} -> {m['name']})")

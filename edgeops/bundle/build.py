@@ -2,9 +2,10 @@
 
 A bundle is an uncompressed, deterministic ustar file (edgeops.agent.verifier.write_archive):
   manifest.json             {"signed": manifest, "signatures": [...]}, canonical JSON
-  roots/N.root.json         the trust root chain, so devices on an older root can rotate
   payload/model/...         the model file(s) as stored in the registry (external data kept)
   payload/reference/...     reference inputs and expected outputs (.npy) for the health check
+  roots/N.root.json         the trust root chain, so devices on an older root can rotate
+(manifest first, the rest sorted; every entry's sha256 and size are in the signed manifest)
 The same inputs (registry version, keys, counter, created time) give the same bytes:
 SOURCE_DATE_EPOCH (or `created=`) fixes the time, Ed25519 signatures are deterministic.
 The threshold that devices enforce is the one in their trust root, never one a bundle states
@@ -97,8 +98,10 @@ def _reference(model: Path, inputs: Path | None, shapes: dict | None, atol: floa
         feeds = verify.make_inputs(runner.signature, shapes or {}, seed=0, batch=1)
         source = "generated (seed 0, batch 1)"
     outs = runner.run(feeds)
-    ops = {n.op_type for n in onnx_fmt.walk_nodes(onnx.load(str(model), load_external_data=False).graph)}
-    quantized = bool(ops & QUANT_OPS)
+    proto = onnx.load(str(model), load_external_data=False)
+    quantized = bool({n.op_type for n in onnx_fmt.walk_nodes(proto.graph)} & QUANT_OPS)
+    # fp16 weights: devices with fp16 arithmetic (ARMv8.2+) compute in half precision, x86 in fp32
+    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
     ref_dir.mkdir(parents=True)
     ins, exp = {}, {}
     for i, (name, arr) in enumerate(feeds.items()):
@@ -112,7 +115,7 @@ def _reference(model: Path, inputs: Path | None, shapes: dict | None, atol: floa
         np.save(ref_dir / f"output_{i}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         entry = {"file": f"payload/reference/output_{i}.npy", "dtype": str(arr.dtype), "shape": list(arr.shape)}
         if arr.dtype.kind == "f":
-            a, r = verify.tolerance_for(str(arr.dtype), atol, rtol)
+            a, r = verify.tolerance_for("float16" if fp16 else str(arr.dtype), atol, rtol)
             if quantized and atol is None:
                 # int8 kernels differ across ISAs (x86 u8s8 vs ARM s8s8, rounding): a few
                 # quantization steps of the output range
@@ -123,7 +126,8 @@ def _reference(model: Path, inputs: Path | None, shapes: dict | None, atol: floa
         else:
             entry.update(atol=0.0, rtol=0.0)   # labels and ids must match exactly
         exp[name] = entry
-    return ins, exp, source + (", quantized model: int8 tolerances" if quantized else "")
+    return ins, exp, source + (", int8 model: widened tolerances" if quantized else "") \
+        + (", fp16 weights: float16 tolerances" if fp16 else "")
 
 
 def _parity(lineage: dict | None) -> list[dict]:
@@ -231,6 +235,8 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             if why:
                 raise UsageError(f"cannot bundle {n!r}: {why}", hint="rename the model file(s) and add them again")
         files = {n: {"sha256": _sha256(p), "size": p.stat().st_size} for n, p in members.items()}
+        roots = trust_mod.chain(tdir) if tdir is not None else {}
+        root_files = {f"roots/{n}.root.json": roots[n] for n in roots}
         if counter is None:
             counter = reg.next_bundle_counter(rec.name)
         elif counter < 1:
@@ -240,6 +246,7 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             "name": rec.name, "version": rec.version, "counter": counter, "target": profile.name,
             "created": v.format_time(t0), "expires": v.format_time(exp),
             "files": files, "model": f"payload/model/{rec.main_file}",
+            "roots": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in root_files.items()},
             "runtime": _runtime(model, {k: x for k, x in files.items() if k.startswith("payload/model/")}, profile),
             "health": {"inputs": ins, "expected": exp_out, "source": source},
             "slo": {"latency_ms": slo_ms, "percentile": slo_percentile, "threads": 1} if slo_ms else None,
@@ -249,9 +256,8 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             "builder": {"edgeops": __version__},
         }
         envelope = trust_mod.sign_envelope(v.BUNDLE_TYPE, manifest, signers)
-        roots = trust_mod.chain(tdir) if tdir is not None else {}
-        ordered = [(v.MANIFEST, envelope)] + [(f"roots/{n}.root.json", roots[n]) for n in sorted(roots)] \
-            + [(n, members[n]) for n in sorted(members)]
+        rest = {**members, **root_files}
+        ordered = [(v.MANIFEST, envelope)] + [(n, rest[n]) for n in sorted(rest)]
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".partial")
@@ -261,7 +267,7 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             f.flush()
             os.fsync(f.fileno())
         if root is not None:   # the device's verifier, before calling it built
-            res = v.verify_bundle(tmp, root, target=profile.name)
+            res = v.verify_bundle(tmp, root, target=profile.name, installed=None)
             if not res.ok:
                 tmp.unlink()
                 raise BundleError("the bundle just built does not verify: " +

@@ -239,7 +239,8 @@ def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile,
 @click.option("--trust", "trust_dir", type=click.Path(path_type=Path),
               help="Trust folder with root.json (default $EDGEOPS_HOME/trust).")
 @click.option("--target", help="This device's target: refuse bundles for another.")
-@click.option("--installed-version", metavar="X.Y.Z", help="Refuse a version not newer than this.")
+@click.option("--installed-version", metavar="[NAME:]X.Y.Z",
+              help="Refuse a version not newer than this (with NAME: only for the same model).")
 @click.option("--installed-counter", type=int, metavar="N", help="Refuse a bundle counter not above this.")
 @click.option("--allow-same-version", is_flag=True,
               help="Accept the installed version again if its counter is newer (a re-signed bundle).")
@@ -254,12 +255,15 @@ def bundle_verify(path, trust_dir, target, installed_version, installed_counter,
 
     if not path.is_file():
         raise UsageError(f"{path}: no such bundle")
+    installed_name = None
     if installed_version is not None:
+        if ":" in installed_version:
+            installed_name, installed_version = installed_version.rsplit(":", 1)
         try:
             v.semver(installed_version, "--installed-version")
         except v.Refused as exc:
             raise UsageError(str(exc)) from None
-    installed = (v.Installed(installed_counter, installed_version)
+    installed = (v.Installed(installed_counter, installed_version, installed_name)
                  if installed_version is not None or installed_counter is not None else None)
     folder = _trust_dir(trust_dir)
     work = Path(tempfile.mkdtemp(prefix="edgeops-verify-")) if health else None
@@ -344,8 +348,11 @@ def bundle_inspect(path, as_json):
     if m.get("slo"):
         o.print(f"  SLO: {m['slo']['percentile']} <= {m['slo']['latency_ms']} ms")
     for p in m.get("parity") or []:
-        o.print(f"  parity: {_esc(p.get('step'))} {_esc(p.get('from') or '')}->{_esc(p.get('to') or '')} "
-                f"{p.get('status')} max abs {p.get('max_abs')}")
+        if p.get("from"):
+            detail = f"{p.get('from')} -> {p.get('to')}, max abs {p.get('max_abs')}"
+        else:
+            detail = ", ".join(f"{k} {v}" for k, v in p.items() if k not in ("step", "status"))
+        o.print(f"  check: {_esc(p.get('step'))} {p.get('status')} ({_esc(detail)})")
     from rich.table import Table
 
     t = Table("entry", "size", "sha256 (manifest)", box=None)

@@ -46,6 +46,7 @@ STAGES = ("dev", "staging", "production", "archived")
 REMOVED = "removed"
 PROTECTED = ("staging", "production")   # retention never touches these
 BENCH_SCHEMA = "edgeops.bench/1"
+COUNTER_KEY = "*"    # bundle counters: one registry-wide sequence (see next_bundle_counter)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
 _KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -725,13 +726,15 @@ class Registry:
     # -- bundles ---------------------------------------------------------------------
 
     def next_bundle_counter(self, name: str) -> int:
-        """Allocate the next bundle counter of `name` (1, 2, ...): never reused, even across
-        processes (a device refuses a bundle whose counter is not newer than its own)."""
+        """Allocate the next bundle counter (1, 2, ...): never reused, even across processes.
+        One sequence for the whole registry, not one per model: a device refuses any bundle
+        whose counter is not above the installed one, so an old signed bundle of ANOTHER model
+        cannot be replayed onto it either."""
         check_name(name)
         with self._tx() as db:
             return db.execute(
                 "INSERT INTO bundle_counters (name, counter) VALUES (?, 1) ON CONFLICT (name) "
-                "DO UPDATE SET counter = counter + 1 RETURNING counter", (name,)).fetchone()[0]
+                "DO UPDATE SET counter = counter + 1 RETURNING counter", (COUNTER_KEY,)).fetchone()[0]
 
     def record_bundle(self, name: str, version: str, target: str, counter: int, sha256: str,
                       path, expires, keyids) -> None:
@@ -742,5 +745,9 @@ class Registry:
                        (row["id"], target, int(counter), sha256, str(path),
                         None if expires is None else str(expires), _json(list(keyids or [])),
                         utc_now(), _actor()))
+            # an explicit --counter above the allocated ones moves the allocator past it, so the
+            # next automatic counter is still newer than anything a device may have installed
+            db.execute("INSERT INTO bundle_counters (name, counter) VALUES (?, ?) ON CONFLICT (name) "
+                       "DO UPDATE SET counter = max(counter, excluded.counter)", (COUNTER_KEY, int(counter)))
             self._event(db, row["id"], "bundle", {"target": target, "counter": int(counter),
                                                   "sha256": sha256})
