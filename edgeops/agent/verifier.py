@@ -38,6 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 SCHEMA_VERSION = 1
+MAX_COUNTER = 2**53 - 1      # exact in every JSON reader; a bundle at 2**63 could block updates forever
 BUNDLE_TYPE = "edgeops.bundle"
 ROOT_TYPE = "edgeops.root"
 MANIFEST = "manifest.json"
@@ -296,12 +297,27 @@ def load_trust(folder: str | Path, now: datetime | None = None, check_expiry: bo
     updates (a newer root may replace an expired one), so it is off by default here."""
     p = Path(folder)
     f = p / ROOT_FILE
-    if not f.is_file():
+    if not f.exists():
         extra = ""
         if p.is_dir() and any(p.glob("*.pub")):
             extra = " (public key files alone carry no threshold)"
         raise TrustError(f"{p}: no {ROOT_FILE} trust root{extra}")
-    return load_root(f.read_bytes(), now, check_expiry)
+    if not f.is_file() or f.stat().st_size > Limits().max_root_bytes:
+        raise TrustError(f"{f} is not a trust root file (not a regular file, or too large)")
+    root = load_root(f.read_bytes(), now, check_expiry)
+    newer = [n for n in _history(p) if n > root.version]
+    if newer:   # root.json put back to an older version would bring back revoked keys
+        raise TrustError(f"{f} is v{root.version} but {p}/roots has v{max(newer)}: root.json was rolled back")
+    return root
+
+
+def _history(folder: Path) -> list[int]:
+    out = []
+    for h in (folder / "roots").glob("*.root.json"):
+        m = ROOT_NAME.fullmatch("roots/" + h.name)
+        if m:
+            out.append(int(m.group(1)))
+    return out
 
 
 def update_root(trusted: Root, data: bytes) -> Root:
@@ -570,8 +586,8 @@ def check_manifest(m) -> None:
             raise Refused("metadata", f"manifest {k} is missing")
     semver(m.get("version"))
     c = m.get("counter")
-    if not isinstance(c, int) or isinstance(c, bool) or c < 1:
-        raise Refused("metadata", f"manifest counter {c!r} is not a positive integer")
+    if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= MAX_COUNTER:
+        raise Refused("metadata", f"manifest counter {c!r} is not an integer between 1 and 2**53-1")
     if parse_time(m.get("created"), "created") > parse_time(m.get("expires"), "expires"):
         raise Refused("metadata", "manifest expires before it was created")
     files = m.get("files")

@@ -32,6 +32,7 @@ from . import trust as trust_mod
 from .keys import SigningKey
 
 DEFAULT_EXPIRES = timedelta(days=90)
+MAX_DAYS = 3650
 # the first onnxruntime release that runs each default-domain opset (onnxruntime's
 # compatibility table); a device with an older runtime refuses the bundle in preflight
 ORT_FOR_OPSET = {13: "1.7", 14: "1.10", 15: "1.11", 16: "1.12", 17: "1.13", 18: "1.14", 19: "1.16",
@@ -53,15 +54,22 @@ def parse_duration(text: str) -> timedelta:
     n, unit = int(m.group(1)), m.group(2)
     if n <= 0:
         raise UsageError("--expires must be positive")
+    if n > MAX_DAYS * {"s": 86400, "m": 1440, "h": 24, "d": 1, "w": 1 / 7}[unit]:
+        raise UsageError(f"--expires {text!r} is longer than {MAX_DAYS} days",
+                         hint="short lifetimes are the freeze protection; re-sign instead")
     return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[unit]: n})
 
 
 def build_time(created: datetime | None = None) -> datetime:
     if created is None and os.environ.get("SOURCE_DATE_EPOCH"):
         try:
-            created = datetime.fromtimestamp(int(os.environ["SOURCE_DATE_EPOCH"]), timezone.utc)
+            seconds = int(os.environ["SOURCE_DATE_EPOCH"])
         except ValueError:
             raise UsageError("SOURCE_DATE_EPOCH must be an integer (seconds since 1970)") from None
+        try:
+            created = datetime.fromtimestamp(seconds, timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise UsageError(f"SOURCE_DATE_EPOCH {seconds} is out of range (year 1970..9999)") from None
     return (created or datetime.now(timezone.utc)).replace(microsecond=0)
 
 
@@ -203,8 +211,11 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
     warnings = [f"shipping despite a failed check in the lineage ({p['step']})" for p in failed]
     tdir = trust_dir or (trust_mod.default_dir() if (trust_mod.default_dir() / v.ROOT_FILE).exists() else None)
     root = None
+    oldest = None
     if tdir is not None:
         root = trust_mod.load(tdir)
+        history = trust_mod.verify_history(tdir, root)
+        oldest = v.load_root(history[min(history)], check_expiry=False)
         allowed = set(root.roles["bundle"].keyids)
         have = distinct & allowed
         strangers = sorted(k.name for k in signers if k.keyid not in allowed)
@@ -219,6 +230,14 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
     exp = expires if isinstance(expires, datetime) else t0 + expires
     if exp <= datetime.now(timezone.utc):
         raise UsageError(f"the bundle would already be expired ({v.format_time(exp)})")
+    if root is not None and exp > root.expires:
+        warnings.append(f"the bundle expires after trust root v{root.version} ({v.format_time(root.expires)}); "
+                        "devices refuse it from then on unless the root is renewed")
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"-o {out} is a directory; give a file path")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UsageError(f"-o {out}: a folder on its path is not a directory")
     work = Path(tempfile.mkdtemp(prefix="edgeops-bundle-"))
     try:
         progress(f"materializing {rec.name}:{rec.version} from the registry")
@@ -239,8 +258,8 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
         root_files = {f"roots/{n}.root.json": roots[n] for n in roots}
         if counter is None:
             counter = reg.next_bundle_counter(rec.name)
-        elif counter < 1:
-            raise UsageError("--counter must be a positive integer")
+        if not 1 <= counter <= v.MAX_COUNTER:
+            raise UsageError(f"bundle counter {counter} is outside 1..2**53-1")
         manifest = {
             "_type": v.BUNDLE_TYPE, "schema_version": v.SCHEMA_VERSION,
             "name": rec.name, "version": rec.version, "counter": counter, "target": profile.name,
@@ -258,24 +277,32 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
         envelope = trust_mod.sign_envelope(v.BUNDLE_TYPE, manifest, signers)
         rest = {**members, **root_files}
         ordered = [(v.MANIFEST, envelope)] + [(n, rest[n]) for n in sorted(rest)]
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"-o {out}: cannot create its folder ({exc.strerror})") from None
         progress(f"writing {out}")
-        with open(tmp, "wb") as f:
-            v.write_archive(f, ordered)
-            f.flush()
-            os.fsync(f.fileno())
-        if root is not None:   # the device's verifier, before calling it built
-            res = v.verify_bundle(tmp, root, target=profile.name, installed=None)
-            if not res.ok:
-                tmp.unlink()
-                raise BundleError("the bundle just built does not verify: " +
-                                  "; ".join(x.message for x in res.failures))
-            signed_by = res.signed_by
-        else:
-            signed_by = sorted(distinct)
-        os.replace(tmp, out)
+        # a fresh temp name (O_EXCL) per build: concurrent builds and planted symlinks are harmless
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                v.write_archive(f, ordered)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            if oldest is not None:   # the device's verifier, from the OLDEST root a device may hold
+                res = v.verify_bundle(tmp, oldest, target=profile.name, installed=None)
+                if not res.ok or res.root_version != root.version:
+                    raise BundleError("the bundle just built does not verify: " +
+                                      ("; ".join(x.message for x in res.failures) or
+                                       f"it reaches root v{res.root_version}, not v{root.version}"))
+                signed_by = res.signed_by
+            else:
+                signed_by = sorted(distinct)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
         digest = _sha256(out)
         reg.record_bundle(rec.name, rec.version, profile.name, counter, digest, str(out.resolve()),
                           manifest["expires"], sorted(distinct))
@@ -312,7 +339,8 @@ def inspect(path: Path) -> dict:
         raise UsageError(f"{path}: manifest.json has no signed part")
     return {"path": str(path), "size": path.stat().st_size, "sha256": _sha256(path),
             "entries": [{"name": e.name, "size": e.size} for e in entries],
-            "signatures": [s.get("keyid") for s in env.get("signatures", []) if isinstance(s, dict)],
+            "signatures": [s.get("keyid") for s in (env.get("signatures") if isinstance(env.get("signatures"), list)
+                                                    else []) if isinstance(s, dict)],
             "manifest": signed, "verified": False}
 
 

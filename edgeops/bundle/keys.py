@@ -72,7 +72,7 @@ def generate(name: str, folder: Path | None = None, passphrase: str | None = Non
     d = folder or keys_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     priv_path, pub_path = d / f"{name}.key", d / f"{name}.pub"
-    if priv_path.exists() or pub_path.exists():
+    if os.path.lexists(priv_path) or os.path.lexists(pub_path):   # also dangling symlinks
         raise UsageError(f"key {name!r} already exists in {d}", hint="pick another name; keys are never overwritten")
     key = Ed25519PrivateKey.generate()
     enc = (serialization.BestAvailableEncryption(passphrase.encode()) if passphrase
@@ -83,7 +83,9 @@ def generate(name: str, folder: Path | None = None, passphrase: str | None = Non
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     pub = SigningKey(name, key).public_key
-    pub_path.write_text(json.dumps(pub.to_dict(), indent=2) + "\n")
+    fd = os.open(pub_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(pub.to_dict(), indent=2) + "\n")
     return pub
 
 
@@ -101,6 +103,9 @@ def _resolve(ref: str | Path, suffix: str, folder: Path | None) -> Path:
 def load_signing(ref: str | Path, passphrase: str | None = None, folder: Path | None = None) -> SigningKey:
     """A private key by name (in the keys folder) or path. Refuses group/world-readable files."""
     path = _resolve(ref, ".key", folder)
+    if path.suffix == ".pub":
+        raise KeyFileError(f"{path} is a public key; signing needs the private key",
+                           hint=f"pass {path.with_suffix('.key')} or the key's name")
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise KeyFileError(f"{path} is readable by other users (mode {mode:o})", hint=f"chmod 600 {path}")
@@ -137,7 +142,12 @@ def load_public(ref: str | Path, folder: Path | None = None) -> PublicKey:
         Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, KeyError, TypeError):
         raise KeyFileError(f"{path} is not an edgeops public key file") from None
-    return PublicKey(str(d.get("name") or path.stem), raw)
+    pub = PublicKey(str(d.get("name") or path.stem), raw)
+    priv = path.with_suffix(".key")
+    if priv.is_file() and not is_encrypted(priv) and load_signing(priv).keyid != pub.keyid:
+        # a swapped .pub would put someone else's key into a trust root
+        raise KeyFileError(f"{path} does not match {priv}", hint="regenerate the .pub from the private key")
+    return pub
 
 
 def list_keys(folder: Path | None = None) -> list[dict]:

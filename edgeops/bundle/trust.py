@@ -10,6 +10,8 @@ keys instead).
 
 from __future__ import annotations
 
+import os
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -78,7 +80,46 @@ def load(folder: Path) -> v.Root:
     try:
         return v.load_trust(folder)
     except v.TrustError as exc:
-        raise UsageError(str(exc), hint=f"edgeops trust init {folder} --key NAME") from None
+        exists = os.path.lexists(Path(folder) / v.ROOT_FILE)
+        hint = (f"restore {folder}/root.json from {folder}/roots/ or a backup; never re-init a folder devices trust"
+                if exists else f"edgeops trust init {folder} --key NAME")
+        raise UsageError(str(exc), hint=hint) from None
+
+
+def read_root_file(path: Path) -> bytes:
+    """A root file from the user: a regular file of at most the verifier's root size limit
+    (a FIFO or /dev/zero must not hang or fill memory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path}: not a regular file (a trust root file is expected)")
+    with os.fdopen(fd, "rb") as f:
+        cap = v.Limits().max_root_bytes
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise UsageError(f"{path}: larger than {cap} bytes; not a trust root")
+    return data
+
+
+def verify_history(folder: Path, current: v.Root) -> dict[int, bytes]:
+    """The stored chain roots/1..N must walk, with the device's own rules, from its oldest
+    root to exactly the root in force: bundles carry it to devices still on old roots."""
+    stored = chain(folder)
+    if not stored:
+        raise UsageError(f"{folder}/roots/ has no root history; devices on older roots could not follow")
+    try:
+        start = v.load_root(stored[min(stored)], check_expiry=False)
+        end, _ = v.apply_root_updates(start, {n: d for n, d in stored.items() if n > start.version})
+    except (v.TrustError, v.Refused) as exc:
+        raise UsageError(f"{folder}/roots/ history is broken: {exc}",
+                         hint=f"restore {folder}/roots/ from a backup") from None
+    if end.version != current.version or end.data != current.data:
+        raise UsageError(f"{folder}/roots/ history ends at v{end.version}, which is not the root in force "
+                         f"(v{current.version})", hint=f"restore {folder}/roots/ from a backup")
+    return stored
 
 
 def rotate(folder: Path, old_signers: list[SigningKey], root_signers: list[SigningKey],
@@ -100,6 +141,8 @@ def apply(folder: Path, data: bytes, trusted: v.Root | None = None) -> v.Root:
         new = v.update_root(trusted, data)
     except v.Refused as exc:
         raise TrustRefused(f"root refused: {exc}") from None
+    if datetime.now(timezone.utc) >= new.expires:   # devices would refuse every bundle under it
+        raise TrustRefused(f"root refused: v{new.version} expired at {v.format_time(new.expires)}")
     v.save_trust(folder, data)
     return new
 

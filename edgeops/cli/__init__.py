@@ -10,6 +10,7 @@ Start-up imports no ML framework.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 import click
@@ -33,6 +34,12 @@ class EdgeopsGroup(click.Group):
             _fail(f"error: {exc.message}", exc.hint, exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except sqlite3.DatabaseError as exc:   # a registry.db damaged on disk
+            if debug:
+                raise
+            _fail(f"error: the registry database is damaged: {first_line(exc)}",
+                  "restore $EDGEOPS_HOME/registry.db from a backup (or point EDGEOPS_REGISTRY_URL elsewhere)",
+                  2)
         except KeyboardInterrupt:
             _fail("interrupted", None, 130)
         except Exception as exc:  # a bug in edgeops or an unexpected framework failure

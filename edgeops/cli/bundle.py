@@ -7,7 +7,9 @@ hidden prompt (the library never prompts). A refused bundle exits 1 with every r
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,9 @@ PASS_ENV = "EDGEOPS_KEY_PASSPHRASE"
 def _passphrase(ref, confirm: bool = False) -> str | None:
     if os.environ.get(PASS_ENV):
         return os.environ[PASS_ENV]
+    if not sys.stdin.isatty():
+        raise UsageError(f"key {ref} needs a passphrase and there is no terminal to ask for it",
+                         hint=f"set {PASS_ENV}")
     return click.prompt(f"passphrase for key {ref}", hide_input=True, confirmation_prompt=confirm,
                         err=True)
 
@@ -158,13 +163,13 @@ def trust_rotate(folder, old_key, keys_, threshold, root_key, root_threshold, ex
 
 @trust.command("update")
 @click.argument("folder", type=click.Path(path_type=Path))
-@click.argument("root_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("root_file", type=click.Path(path_type=Path))
 @json_option
 def trust_update(folder, root_file, as_json):
     """Accept ROOT_FILE as the next root of FOLDER, only if the trusted root's keys signed it."""
     from ..bundle import trust as t
 
-    root = t.apply(folder, root_file.read_bytes())
+    root = t.apply(folder, t.read_root_file(root_file))
     _print_root(t.describe(root), folder, as_json)
 
 
@@ -196,7 +201,8 @@ def bundle():
 @click.option("--slo-percentile", type=click.Choice(["p50", "p90", "p95", "p99"]), default="p99", show_default=True)
 @click.option("--trust", "trust_dir", type=click.Path(path_type=Path),
               help="Trust folder to check the signatures against and embed (default $EDGEOPS_HOME/trust).")
-@click.option("--counter", type=int, help="Bundle counter (default: the registry's next one for this name).")
+@click.option("--counter", type=click.IntRange(1, 2**53 - 1),
+              help="Bundle counter (default: the registry's next one; one sequence for all models).")
 @inputs_option
 @shape_option
 @click.option("--atol", type=float, help="Health-check absolute tolerance (default: per dtype).")
@@ -208,9 +214,16 @@ def bundle():
 def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile, trust_dir, counter, inputs,
                  shapes, atol, rtol, allow_failed_lineage, out, as_json):
     """Build a signed bundle of NAME:VERSION for TARGET, then verify it as a device would."""
+    import math
+
     from ..bundle.build import build, parse_duration
     from ..verify import parse_shapes
 
+    for opt, val in (("--atol", atol), ("--rtol", rtol)):
+        if val is not None and not (math.isfinite(val) and val >= 0):
+            raise UsageError(f"{opt} must be a finite number >= 0")
+    if slo_ms is not None and not (math.isfinite(slo_ms) and slo_ms > 0):
+        raise UsageError("--slo-ms must be a finite number > 0")
     if trust_dir is not None and not (trust_dir / "root.json").is_file():
         raise UsageError(f"{trust_dir}: no root.json trust root", hint=f"edgeops trust init {trust_dir} --key NAME")
     res = build(ref, target, _signers(keys_), out, threshold=threshold, expires=parse_duration(expires),
@@ -241,7 +254,8 @@ def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile,
 @click.option("--target", help="This device's target: refuse bundles for another.")
 @click.option("--installed-version", metavar="[NAME:]X.Y.Z",
               help="Refuse a version not newer than this (with NAME: only for the same model).")
-@click.option("--installed-counter", type=int, metavar="N", help="Refuse a bundle counter not above this.")
+@click.option("--installed-counter", type=click.IntRange(0, 2**53 - 1), metavar="N",
+              help="Refuse a bundle counter not above this.")
 @click.option("--allow-same-version", is_flag=True,
               help="Accept the installed version again if its counter is newer (a re-signed bundle).")
 @click.option("--health", is_flag=True, help="Also run the health check here (reference outputs, SLO).")
@@ -253,12 +267,13 @@ def bundle_verify(path, trust_dir, target, installed_version, installed_counter,
     from ..agent import verifier as v
     from ..bundle import build as b
 
-    if not path.is_file():
-        raise UsageError(f"{path}: no such bundle")
+    _regular(path)
     installed_name = None
     if installed_version is not None:
         if ":" in installed_version:
             installed_name, installed_version = installed_version.rsplit(":", 1)
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", installed_name):
+                raise UsageError(f"--installed-version: {installed_name!r} is not a model name")
         try:
             v.semver(installed_version, "--installed-version")
         except v.Refused as exc:
@@ -276,7 +291,8 @@ def bundle_verify(path, trust_dir, target, installed_version, installed_counter,
             from ..agent import health as h
 
             report["health"] = h.run(work / "payload", res.manifest)
-        if res.ok and update_trust and res.root_updates:
+        # a newer root is kept only when the device would install: verified AND healthy
+        if res.ok and report.get("health", {}).get("passed", True) and update_trust and res.root_updates:
             for data in res.root_updates:
                 v.save_trust(folder, data)
         notes = []
@@ -313,7 +329,9 @@ def _render_verify(res, report) -> None:
     for n in report["not_checked"]:
         o.print(f"  [yellow]not checked:[/] {n}")
     hr = report.get("health")
-    if hr:
+    if hr and hr.get("error"):
+        _err().print(f"  health check [bold red]FAILED[/]: {_esc(hr['error'])}")
+    elif hr:
         status = "[green]PASSED[/]" if hr["passed"] else "[bold red]FAILED[/]"
         o.print(f"  health check {status}: latency p50 {hr['latency_ms']['p50']:.3f} ms, "
                 f"p99 {hr['latency_ms']['p99']:.3f} ms")
@@ -334,10 +352,26 @@ def bundle_inspect(path, as_json):
     """Show what a bundle claims, WITHOUT verifying it (use `bundle verify` for that)."""
     from ..bundle.build import inspect
 
+    _regular(path)
     d = inspect(path)
     if as_json:
         _json_print(d)
         return
+    try:
+        _render_inspect(d)
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise UsageError(f"{path}: the manifest is malformed ({type(exc).__name__}: {exc})",
+                         hint="edgeops bundle inspect --json shows it as it is") from None
+
+
+def _regular(path: Path) -> None:
+    if not path.exists():
+        raise UsageError(f"{path}: no such bundle")
+    if not path.is_file():
+        raise UsageError(f"{path}: not a regular file")
+
+
+def _render_inspect(d: dict) -> None:
     m, o = d["manifest"], _out()
     o.print(f"[bold]{_esc(m.get('name'))}:{_esc(m.get('version'))}[/] counter {m.get('counter')} "
             f"target {_esc(m.get('target'))} (UNVERIFIED: run bundle verify)")
