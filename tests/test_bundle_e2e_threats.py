@@ -65,20 +65,9 @@ REFUSED_BUNDLES: list[Path] = []         # every refused bundle made here, for t
 
 def onnx_model(path: Path, seed: int = 0) -> Path:
     """MatMul + Add + Softmax, input x [n, 16] -> y [n, 8]: models of every seed share a signature."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from test_bundle import _model
 
-    rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
-    bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"]),
-             helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
-    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w, bias])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return path
+    return _model(Path(path), seed)
 
 
 def members(data: bytes) -> dict[str, bytes]:
