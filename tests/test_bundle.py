@@ -349,3 +349,22 @@ def test_counters_are_one_sequence_so_other_models_cannot_replay(setup, tmp_path
     res = v.verify_bundle(tmp_path / "b3.bundle", root, target="rpi4", installed=here)
     assert res.ok and "model changes clf -> other" in " ".join(res.checked)
     assert res.manifest_sha256 == hashlib.sha256(v.canonical(new_b.manifest)).hexdigest()
+
+
+def test_a_trust_folder_others_can_write_is_refused(home):
+    keys.generate("k")
+    s = keys.load_signing("k")
+    folder = trust.default_dir()
+    old = os.umask(0)      # even under a permissive umask, what edgeops writes is 0644 / 0755
+    try:
+        trust.init(folder, [s], [s.public_key], 1, 1, datetime.now(timezone.utc) + timedelta(days=1))
+    finally:
+        os.umask(old)
+    assert (folder / "root.json").stat().st_mode & 0o777 == 0o644
+    assert v.load_trust(folder).version == 1
+    for target in (folder / "root.json", folder):
+        mode = target.stat().st_mode & 0o777
+        os.chmod(target, mode | 0o002)
+        with pytest.raises(v.TrustError, match="writable by other users"):
+            v.load_trust(folder)
+        os.chmod(target, mode)

@@ -304,6 +304,9 @@ def load_trust(folder: str | Path, now: datetime | None = None, check_expiry: bo
         raise TrustError(f"{p}: no {ROOT_FILE} trust root{extra}")
     if not f.is_file() or f.stat().st_size > Limits().max_root_bytes:
         raise TrustError(f"{f} is not a trust root file (not a regular file, or too large)")
+    for q in (p, f):   # as sshd's StrictModes: a root others can replace is no root of trust
+        if q.stat().st_mode & 0o022:
+            raise TrustError(f"{q} is writable by other users (mode {q.stat().st_mode & 0o777:o})")
     root = load_root(f.read_bytes(), now, check_expiry)
     newer = [n for n in _history(p) if n > root.version]
     if newer:   # root.json put back to an older version would bring back revoked keys
@@ -351,14 +354,19 @@ def save_trust(folder: str | Path, data: bytes) -> Path:
     """Write an already-verified root into a trust folder atomically; history in roots/N.root.json."""
     root, _ = parse_root(data)
     p = Path(folder)
-    (p / "roots").mkdir(parents=True, exist_ok=True)
+    for d in (p, p / "roots"):
+        if not d.exists():
+            d.mkdir(parents=True)
+            os.chmod(d, 0o755)     # whatever the umask: load_trust refuses group/world-writable
     hist = p / "roots" / f"{root.version}.root.json"
     for target in (hist, p / ROOT_FILE):
         tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     return p / ROOT_FILE
 
