@@ -197,15 +197,15 @@ def _role(signed: dict, name: str, keys: dict) -> Role:
     return Role(tuple(ids), r["threshold"])
 
 
-def parse_root(data: bytes) -> tuple[Root, list]:
-    """Parse (not yet trust) a root envelope; returns the Root and its signature list."""
+def parse_root(data: bytes) -> tuple[Root, dict, list]:
+    """Parse (not yet trust) a root envelope: the Root, its signed part and its signatures."""
     try:
         return _parse_root(data)
     except (TypeError, AttributeError, ValueError, KeyError) as exc:   # malformed in a way not foreseen
         raise Refused("root", f"malformed root metadata ({type(exc).__name__}: {exc})") from None
 
 
-def _parse_root(data: bytes) -> tuple[Root, list]:
+def _parse_root(data: bytes) -> tuple[Root, dict, list]:
     env = parse_canonical(data, "root metadata")
     if not isinstance(env, dict) or set(env) != {"signed", "signatures"} or not isinstance(env["signed"], dict):
         raise Refused("root", "root metadata must be {\"signed\": {...}, \"signatures\": [...]}")
@@ -231,7 +231,7 @@ def _parse_root(data: bytes) -> tuple[Root, list]:
             raise Refused("root", f"root key id {kid[:16]} is not the sha256 of its public key")
         keys[kid], names[kid] = pub, str(k.get("name", ""))
     roles = {n: _role(s, n, keys) for n in ("root", "bundle")}
-    return Root(v, parse_time(s.get("expires"), "root expires"), keys, names, roles, data), env["signatures"]
+    return Root(v, parse_time(s.get("expires"), "root expires"), keys, names, roles, data), s, env["signatures"]
 
 
 def count_signatures(kind: str, signed: dict, signatures, root: Root, role: str) -> tuple[list, list, list]:
@@ -283,8 +283,8 @@ def _require_threshold(kind: str, signed: dict, signatures, root: Root, role: st
 def load_root(data: bytes, now: datetime | None = None, check_expiry: bool = True) -> Root:
     """A root trusted by placement (the trust folder): still must be self-signed to threshold."""
     try:
-        root, sigs = parse_root(data)
-        _require_threshold(ROOT_TYPE, json.loads(data)["signed"], sigs, root, "root", f"root v{root.version}")
+        root, signed, sigs = parse_root(data)
+        _require_threshold(ROOT_TYPE, signed, sigs, root, "root", f"root v{root.version}")
     except Refused as exc:
         raise TrustError(f"trusted root: {exc}") from None
     if check_expiry and (now or datetime.now(timezone.utc)) >= root.expires:
@@ -326,11 +326,10 @@ def _history(folder: Path) -> list[int]:
 def update_root(trusted: Root, data: bytes) -> Root:
     """The TUF root rotation rule: the new root must be version N+1 and signed by a threshold of
     the trusted root's root keys and by a threshold of its own root keys."""
-    new, sigs = parse_root(data)
+    new, signed, sigs = parse_root(data)
     if new.version != trusted.version + 1:
         raise Refused("root", f"root v{new.version} cannot follow trusted root v{trusted.version} "
                               f"(must be v{trusted.version + 1})")
-    signed = json.loads(data)["signed"]
     _require_threshold(ROOT_TYPE, signed, sigs, trusted, "root", f"new root v{new.version} (by the old root)")
     _require_threshold(ROOT_TYPE, signed, sigs, new, "root", f"new root v{new.version} (by itself)")
     return new
@@ -352,7 +351,7 @@ def apply_root_updates(trusted: Root, roots) -> tuple[Root, list[bytes]]:
 
 def save_trust(folder: str | Path, data: bytes) -> Path:
     """Write an already-verified root into a trust folder atomically; history in roots/N.root.json."""
-    root, _ = parse_root(data)
+    root = parse_root(data)[0]
     p = Path(folder)
     for d in (p, p / "roots"):
         if not d.exists():
@@ -430,8 +429,9 @@ def write_archive(out, members: list[tuple[str, object]]) -> None:
     """Write members [(name, bytes | path)] in the given order with canonical headers, each
     padded to 512 bytes, then the two zero blocks that end a tar archive."""
     for name, src in members:
-        if check_name(name):
-            raise ValueError(f"unsafe member name {name!r}: {check_name(name)}")
+        why = check_name(name)
+        if why:
+            raise ValueError(f"unsafe member name {name!r}: {why}")
         if isinstance(src, (bytes, bytearray)):
             out.write(tar_header(name, len(src)))
             out.write(src)

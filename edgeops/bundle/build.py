@@ -89,9 +89,10 @@ class BuildResult:
                 "warnings": self.warnings, "manifest": self.manifest}
 
 
-def _reference(model: Path, inputs: Path | None, shapes: dict | None, atol: float | None,
+def _reference(model: Path, proto, inputs: Path | None, shapes: dict | None, atol: float | None,
                rtol: float | None, ref_dir: Path) -> tuple[dict, dict, str]:
-    """Run the model here on reference inputs; the outputs become the health check's truth."""
+    """Run the model here on reference inputs; the outputs become the health check's truth.
+    `proto` is the model's graph (loaded without external data)."""
     import onnx
 
     from .. import verify
@@ -106,7 +107,6 @@ def _reference(model: Path, inputs: Path | None, shapes: dict | None, atol: floa
         feeds = verify.make_inputs(runner.signature, shapes or {}, seed=0, batch=1)
         source = "generated (seed 0, batch 1)"
     outs = runner.run(feeds)
-    proto = onnx.load(str(model), load_external_data=False)
     quantized = bool({n.op_type for n in onnx_fmt.walk_nodes(proto.graph)} & QUANT_OPS)
     # fp16 weights: devices with fp16 arithmetic (ARMv8.2+) compute in half precision, x86 in fp32
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
@@ -157,11 +157,10 @@ def _parity(lineage: dict | None) -> list[dict]:
     return out
 
 
-def _runtime(model: Path, files: dict, profile) -> dict:
-    import onnx
+def _runtime(m, files: dict, profile) -> dict:
+    """Runtime requirements of the model graph `m` (loaded without external data)."""
     import onnxruntime
 
-    m = onnx.load(str(model), load_external_data=False)
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=None)
     domains = sorted({o.domain for o in m.opset_import if o.domain not in ("", "ai.onnx")})
     need = ORT_FOR_OPSET.get(opset) if opset is not None else None
@@ -210,12 +209,11 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
                           hint="fix the model, or pass --allow-failed-lineage to ship it anyway")
     warnings = [f"shipping despite a failed check in the lineage ({p['step']})" for p in failed]
     tdir = trust_dir or (trust_mod.default_dir() if (trust_mod.default_dir() / v.ROOT_FILE).exists() else None)
-    root = None
-    oldest = None
+    root = oldest = None
+    roots: dict[int, bytes] = {}
     if tdir is not None:
         root = trust_mod.load(tdir)
-        history = trust_mod.verify_history(tdir, root)
-        oldest = v.load_root(history[min(history)], check_expiry=False)
+        roots, oldest = trust_mod.verify_history(tdir, root)
         allowed = set(root.roles["bundle"].keyids)
         have = distinct & allowed
         strangers = sorted(k.name for k in signers if k.keyid not in allowed)
@@ -243,7 +241,10 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
         progress(f"materializing {rec.name}:{rec.version} from the registry")
         model = reg.materialize(rec, work / "model")
         progress("computing reference outputs for the health check")
-        ins, exp_out, source = _reference(model, inputs, shapes, atol, rtol, work / "reference")
+        import onnx
+
+        proto = onnx.load(str(model), load_external_data=False)
+        ins, exp_out, source = _reference(model, proto, inputs, shapes, atol, rtol, work / "reference")
         members: dict[str, Path] = {}
         for rel in sorted(rec.files):
             members[f"payload/model/{rel}"] = work / "model" / rel
@@ -254,7 +255,6 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             if why:
                 raise UsageError(f"cannot bundle {n!r}: {why}", hint="rename the model file(s) and add them again")
         files = {n: {"sha256": _sha256(p), "size": p.stat().st_size} for n, p in members.items()}
-        roots = trust_mod.chain(tdir) if tdir is not None else {}
         root_files = {f"roots/{n}.root.json": roots[n] for n in roots}
         if counter is None:
             counter = reg.next_bundle_counter(rec.name)
@@ -266,7 +266,7 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             "created": v.format_time(t0), "expires": v.format_time(exp),
             "files": files, "model": f"payload/model/{rec.main_file}",
             "roots": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in root_files.items()},
-            "runtime": _runtime(model, {k: x for k, x in files.items() if k.startswith("payload/model/")}, profile),
+            "runtime": _runtime(proto, {k: x for k, x in files.items() if k.startswith("payload/model/")}, profile),
             "health": {"inputs": ins, "expected": exp_out, "source": source},
             "slo": {"latency_ms": slo_ms, "percentile": slo_percentile, "threads": 1} if slo_ms else None,
             "lineage": rec.lineage, "parity": _parity(rec.lineage),

@@ -104,9 +104,10 @@ def read_root_file(path: Path) -> bytes:
     return data
 
 
-def verify_history(folder: Path, current: v.Root) -> dict[int, bytes]:
+def verify_history(folder: Path, current: v.Root) -> tuple[dict[int, bytes], v.Root]:
     """The stored chain roots/1..N must walk, with the device's own rules, from its oldest
-    root to exactly the root in force: bundles carry it to devices still on old roots."""
+    root to exactly the root in force: bundles carry it to devices still on old roots.
+    Returns the chain (version -> bytes) and its oldest root."""
     stored = chain(folder)
     if not stored:
         raise UsageError(f"{folder}/roots/ has no root history; devices on older roots could not follow")
@@ -119,7 +120,7 @@ def verify_history(folder: Path, current: v.Root) -> dict[int, bytes]:
     if end.version != current.version or end.data != current.data:
         raise UsageError(f"{folder}/roots/ history ends at v{end.version}, which is not the root in force "
                          f"(v{current.version})", hint=f"restore {folder}/roots/ from a backup")
-    return stored
+    return stored, start
 
 
 def rotate(folder: Path, old_signers: list[SigningKey], root_signers: list[SigningKey],
