@@ -42,6 +42,30 @@ def url_path(url: str, scheme: str, what: str, supported: str) -> Path:
     return Path("/" + unquote(u.path).lstrip("/"))
 
 
+def copy_checked(src, dst: Path, sha: str, mode: int, durable: bool = False) -> tuple[str, int]:
+    """Copy the open binary file `src` to `dst` through a temp file beside it, hashing on the
+    way; `dst` appears (atomically, with `mode`) only if the sha256 is `sha`. Returns the
+    digest seen and the bytes copied; the caller words the error when they differ."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
+    try:
+        h, n = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out:
+            for chunk in iter(lambda: src.read(CHUNK), b""):
+                h.update(chunk)
+                out.write(chunk)
+                n += len(chunk)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
+        if h.hexdigest() == sha:
+            os.chmod(tmp, mode)
+            os.replace(tmp, dst)
+        return h.hexdigest(), n
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)    # still there only after a mismatch or an error
+
+
 class FileBlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -63,25 +87,11 @@ class FileBlobStore:
         if dst.is_file():
             return 0
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dst.parent)
-        try:
-            h, n = hashlib.sha256(), 0
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-                    n += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if h.hexdigest() != sha:
-                raise RegistryError(f"{src} changed while it was being stored",
-                                    hint="add it again once nothing writes to it")
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with open(src, "rb") as f:
+            digest, n = copy_checked(f, dst, sha, 0o444, durable=True)
+        if digest != sha:
+            raise RegistryError(f"{src} changed while it was being stored",
+                                hint="add it again once nothing writes to it")
         dfd = os.open(dst.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)  # the rename itself survives a crash

@@ -32,14 +32,13 @@ import platform
 import re
 import sqlite3
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from .. import __version__, paths
 from ..lineage import package_versions, utc_now
 from . import lineage as lin
-from .blobs import CHUNK, FileBlobStore, RegistryError, open_blob_store, url_path
+from .blobs import CHUNK, FileBlobStore, RegistryError, copy_checked, open_blob_store, url_path
 
 SCHEMA_VERSION = 1
 STAGES = ("dev", "staging", "production", "archived")
@@ -577,24 +576,13 @@ class Registry:
                                     hint=f"remove {rec.ref} and add the model again from its source")
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out.parent)
-            try:
-                h = hashlib.sha256()
-                with self.blobs.open(meta["sha256"]) as src, os.fdopen(fd, "wb") as dst:
-                    for chunk in iter(lambda: src.read(CHUNK), b""):
-                        h.update(chunk)
-                        dst.write(chunk)
-                if h.hexdigest() != meta["sha256"]:
-                    raise RegistryError(
-                        f"{rec.ref}: the stored blob of {rel} is corrupted (sha256 "
-                        f"{h.hexdigest()[:12]}..., expected {meta['sha256'][:12]}...)",
-                        hint=f"remove {rec.ref} and add the model again from its source")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, out)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            with self.blobs.open(meta["sha256"]) as src:
+                digest, _ = copy_checked(src, out, meta["sha256"], 0o644)
+            if digest != meta["sha256"]:
+                raise RegistryError(
+                    f"{rec.ref}: the stored blob of {rel} is corrupted (sha256 "
+                    f"{digest[:12]}..., expected {meta['sha256'][:12]}...)",
+                    hint=f"remove {rec.ref} and add the model again from its source")
         return dest / rec.main_file
 
     # -- stages, removal, retention ------------------------------------------------
