@@ -7,7 +7,6 @@ hidden prompt (the library never prompts). A refused bundle exits 1 with every r
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -271,9 +270,14 @@ def bundle_verify(path, trust_dir, target, installed_version, installed_counter,
     installed_name = None
     if installed_version is not None:
         if ":" in installed_version:
+            from ..registry import RegistryError
+            from ..registry.store import check_name
+
             installed_name, installed_version = installed_version.rsplit(":", 1)
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", installed_name):
-                raise UsageError(f"--installed-version: {installed_name!r} is not a model name")
+            try:
+                check_name(installed_name)       # the registry's own rule for model names
+            except RegistryError:
+                raise UsageError(f"--installed-version: {installed_name!r} is not a model name") from None
         try:
             v.semver(installed_version, "--installed-version")
         except v.Refused as exc:
@@ -291,8 +295,9 @@ def bundle_verify(path, trust_dir, target, installed_version, installed_counter,
             from ..agent import health as h
 
             report["health"] = h.run(work / "payload", res.manifest)
+        ok = res.ok and report.get("health", {}).get("passed", True)
         # a newer root is kept only when the device would install: verified AND healthy
-        if res.ok and report.get("health", {}).get("passed", True) and update_trust and res.root_updates:
+        if ok and update_trust and res.root_updates:
             for data in res.root_updates:
                 v.save_trust(folder, data)
         notes = []
@@ -304,7 +309,6 @@ def bundle_verify(path, trust_dir, target, installed_version, installed_counter,
     finally:
         if work:
             shutil.rmtree(work, ignore_errors=True)
-    ok = res.ok and report.get("health", {}).get("passed", True)
     if as_json:
         _json_print({**report, "ok": ok})
     else:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from .. import __version__, paths
+from ..agent.verifier import SEMVER
 from ..lineage import package_versions, utc_now
 from . import lineage as lin
 from .blobs import CHUNK, FileBlobStore, RegistryError, copy_checked, open_blob_store, url_path
@@ -46,9 +47,8 @@ REMOVED = "removed"
 PROTECTED = ("staging", "production")   # retention never touches these
 BENCH_SCHEMA = "edgeops.bench/1"
 COUNTER_KEY = "*"    # bundle counters: one registry-wide sequence (see next_bundle_counter)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
-_KIND_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_KIND_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 _SCHEMA = """
 CREATE TABLE versions (
@@ -83,14 +83,15 @@ CREATE TABLE bundles (id INTEGER PRIMARY KEY,
 # ----------------------------------------------------------------------------- records
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise RegistryError(f"bad model name {name!r}",
                             hint="use letters, digits, '.', '_' or '-' (at most 128, no spaces)")
     return name
 
 
 def semver(version: str) -> tuple[int, int, int]:
-    m = _SEMVER_RE.match(version) if isinstance(version, str) else None
+    # the device verifier's own pattern: a version it would refuse cannot be registered
+    m = SEMVER.fullmatch(version) if isinstance(version, str) else None
     if not m:
         raise RegistryError(f"bad version {version!r}: use X.Y.Z (non-negative integers), "
                             "or 'auto'")
@@ -672,7 +673,7 @@ class Registry:
         if kind is None:
             raise RegistryError("cannot tell what kind of document this is",
                                 hint="pass --kind bench|parity|telemetry|evaluation")
-        if not _KIND_RE.match(kind):
+        if not _KIND_RE.fullmatch(kind):
             raise RegistryError(f"bad attachment kind {kind!r}")
         with self._tx() as db:
             row = self._row(name, version)
