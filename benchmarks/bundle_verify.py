@@ -91,12 +91,12 @@ def main() -> None:
                     hashlib.sha256(p.read_bytes()).hexdigest()
 
         def verify():
-            assert v.verify_bundle(out, root, target="rpi4").ok
+            assert v.verify_bundle(out, root, target="rpi4", installed=None).ok
 
         def verify_x():
             d = work / "x"
             shutil.rmtree(d, ignore_errors=True)
-            assert v.verify_bundle(out, root, target="rpi4", extract_to=d).ok
+            assert v.verify_bundle(out, root, target="rpi4", installed=None, extract_to=d).ok
 
         rows = [("floor: sha256 of the file", best(floor)), ("glue: tarfile extract + sha256", best(glue)),
                 ("edgeops verify", best(verify)), ("edgeops verify + extract", best(verify_x))]
