@@ -1,4 +1,5 @@
-"""THE parity check: run the same inputs through two runnables and compare the outputs.
+"""THE parity check: run the same inputs through two runnables and compare the outputs
+(the comparison rule itself is `edgeops.agent.compare`, shared with devices).
 
 convert, optimize, bundle health checks and on-device smoke tests all call `verify`.
 It reports max abs / rel error, cosine similarity, top-1 agreement for classifier-like
@@ -11,25 +12,17 @@ or time anything.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .agent.compare import (DEFAULT_TOLERANCE, TIE_GAP, OutputParity, ParityReport,  # noqa: F401
+                            compare, compare_arrays, not_executed, tolerance_for)
 from .errors import UsageError
 from .formats.base import Runner, Signature, TensorSpec
 
-# (atol, rtol) by dtype. Elementwise rule, as numpy.allclose: |a - b| <= atol + rtol * |ref|.
-DEFAULT_TOLERANCE: dict[str, tuple[float, float]] = {
-    "float64": (1e-6, 1e-5),
-    "float32": (1e-4, 1e-3),
-    "float16": (1e-2, 1e-2),
-    "bfloat16": (5e-2, 5e-2),
-}
 DEFAULT_BATCH = 2      # dynamic first dimension
 DEFAULT_DYNAMIC = 16   # any other dynamic dimension
-TIE_GAP = 1e-4         # a label flip is a tie when the top-2 probabilities are this close
-
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -151,196 +144,10 @@ def adapt_feeds(feeds: dict[str, np.ndarray], signature: Signature) -> dict[str,
     return out
 
 
-# ----------------------------------------------------------------------------- reports
-
-@dataclass
-class OutputParity:
-    name: str
-    candidate_name: str
-    shape: list[int]
-    dtype: str
-    passed: bool
-    max_abs: float | None = None
-    max_rel: float | None = None
-    mean_abs: float | None = None
-    cosine: float | None = None
-    top1_agreement: float | None = None   # classifier-like float outputs [N, C]
-    agreement: float | None = None        # integer / label / string outputs: exact match share
-    ties: int = 0                         # label flips explained by near-equal probabilities
-    violations: int = 0                   # elements outside atol + rtol*|ref|
-    note: str = ""
-
-
-@dataclass
-class ParityReport:
-    status: str                     # "passed" | "failed" | "not-executed"
-    atol: float | None = None
-    rtol: float | None = None
-    outputs: list[OutputParity] = field(default_factory=list)
-    n_inputs: int = 0               # batch size of the inputs used
-    input_source: str = "generated"  # "generated" (seeded) or the --inputs path
-    reason: str = ""
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-    @property
-    def executed(self) -> bool:
-        return self.status != "not-executed"
-
-    @property
-    def max_abs(self) -> float | None:
-        vals = [o.max_abs for o in self.outputs if o.max_abs is not None]
-        return max(vals) if vals else None
-
-    @property
-    def min_cosine(self) -> float | None:
-        vals = [o.cosine for o in self.outputs if o.cosine is not None]
-        return min(vals) if vals else None
-
-    def summary(self) -> str:
-        if self.status == "not-executed":
-            return f"not executed: {self.reason}"
-        parts = [self.status.upper()]
-        if self.max_abs is not None:
-            parts.append(f"max abs {self.max_abs:.2e}")
-        if self.min_cosine is not None:
-            parts.append(f"cosine {self.min_cosine:.6f}")
-        agree = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
-        agree += [o.agreement for o in self.outputs if o.agreement is not None]
-        if agree:
-            parts.append(f"agreement {100 * min(agree):.1f}%")
-        if self.reason:
-            parts.append(self.reason)
-        return ", ".join(parts)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["max_abs"] = self.max_abs
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ParityReport":
-        outs = [OutputParity(**o) for o in d.get("outputs", [])]
-        keys = {"status", "atol", "rtol", "n_inputs", "input_source", "reason"}
-        return cls(outputs=outs, **{k: v for k, v in d.items() if k in keys})
-
-
-def not_executed(reason: str) -> ParityReport:
-    """A report for a model that could not be run here (e.g. Core ML on Linux)."""
-    # the summary says "not executed: <reason>"; a reason already saying so would repeat it
-    return ParityReport(status="not-executed", reason=reason.removeprefix("not executed: "))
-
-
-# ----------------------------------------------------------------------------- compare
-
-def tolerance_for(dtype: str, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
-    da, dr = DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE["float32"])
-    return (da if atol is None else atol, dr if rtol is None else rtol)
-
-
-def _match_outputs(ref: dict, cand: dict) -> list[tuple[str, str]]:
-    if all(k in cand for k in ref):
-        return [(k, k) for k in ref]
-    if len(ref) == len(cand):
-        return list(zip(ref, cand))
-    common = [k for k in ref if k in cand]
-    if common:
-        return [(k, k) for k in common]
-    raise ValueError(f"outputs do not correspond: reference {list(ref)} vs candidate {list(cand)}")
-
-
-def _squeeze_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.size == b.size and [d for d in a.shape if d != 1] == [d for d in b.shape if d != 1]
-
-
-def _compare_one(rn: str, cn: str, r: np.ndarray, c: np.ndarray, atol: float | None,
-                 rtol: float | None, ref_all: dict[str, np.ndarray]) -> OutputParity:
-    r, c = np.asarray(r), np.asarray(c)
-    note = ""
-    if r.shape != c.shape:
-        if not _squeeze_equal(r, c):
-            return OutputParity(rn, cn, list(r.shape), r.dtype.name, False,
-                                note=f"shape {list(r.shape)} vs {list(c.shape)}")
-        note = f"shape {list(r.shape)} vs {list(c.shape)} (same values after squeeze)"
-        c = c.reshape(r.shape)
-
-    # labels, ids, strings: exact agreement, with near-ties in a probability output forgiven
-    if not np.issubdtype(r.dtype, np.floating) or not np.issubdtype(c.dtype, np.floating):
-        if r.dtype.kind in "USO" or c.dtype.kind in "USO":
-            eq = r.astype(str) == c.astype(str)
-        else:
-            eq = r == c
-        flat_eq = eq.reshape(len(eq), -1).all(axis=1) if eq.ndim > 1 else eq
-        mism = np.flatnonzero(~flat_eq) if eq.ndim else np.flatnonzero(~np.atleast_1d(eq))
-        ties = _ties(mism, ref_all) if mism.size else 0
-        agreement = float(flat_eq.mean()) if np.size(flat_eq) else 1.0
-        ok = mism.size == ties
-        if ties:
-            note = (note + "; " if note else "") + f"{ties} label flip(s) at probability ties"
-        return OutputParity(rn, cn, list(r.shape), r.dtype.name, ok, agreement=agreement,
-                            ties=int(ties), violations=int(mism.size - ties), note=note)
-
-    a_tol, r_tol = tolerance_for(r.dtype.name, atol, rtol)
-    r64, c64 = r.astype(np.float64), c.astype(np.float64)
-    nan_r, nan_c = np.isnan(r64), np.isnan(c64)
-    if (nan_r != nan_c).any():
-        return OutputParity(rn, cn, list(r.shape), r.dtype.name, False,
-                            note=f"NaN in {int((nan_r != nan_c).sum())} position(s) on one side only")
-    both = ~nan_r
-    diff = np.where(both, np.abs(r64 - c64), 0.0)
-    inf_mismatch = both & ~np.isfinite(diff) & (r64 != c64)
-    diff = np.where(np.isfinite(diff), diff, 0.0)
-    bad = (diff > a_tol + r_tol * np.abs(np.where(both, r64, 0.0))) | inf_mismatch
-    denom = np.maximum(np.abs(r64), 1e-12)
-    rel = np.where(both & np.isfinite(r64), diff / denom, 0.0)
-    fr, fc = np.where(both, r64, 0).ravel(), np.where(both, c64, 0).ravel()
-    nr, nc = np.linalg.norm(fr), np.linalg.norm(fc)
-    cosine = float(fr @ fc / (nr * nc)) if nr > 0 and nc > 0 else (1.0 if nr == nc else 0.0)
-    top1 = None
-    if r.ndim == 2 and r.shape[1] > 1:
-        top1 = float((r64.argmax(axis=1) == c64.argmax(axis=1)).mean())
-    return OutputParity(
-        rn, cn, list(r.shape), r.dtype.name, not bad.any(),
-        max_abs=float(diff.max()) if diff.size else 0.0,
-        max_rel=float(rel.max()) if rel.size else 0.0,
-        mean_abs=float(diff.mean()) if diff.size else 0.0,
-        cosine=cosine, top1_agreement=top1, violations=int(bad.sum()), note=note)
-
-
-def _ties(rows: np.ndarray, ref_all: dict[str, np.ndarray]) -> int:
-    """How many mismatching rows sit on a probability tie in some [N, C] float output."""
-    for arr in ref_all.values():
-        arr = np.asarray(arr)
-        if arr.ndim == 2 and arr.shape[1] > 1 and np.issubdtype(arr.dtype, np.floating):
-            if rows.max(initial=-1) >= arr.shape[0]:
-                continue
-            top2 = np.sort(arr[rows], axis=1)[:, -2:]
-            return int((top2[:, 1] - top2[:, 0] <= TIE_GAP).sum())
-    return 0
-
-
-def compare(ref_out: dict[str, np.ndarray], cand_out: dict[str, np.ndarray],
-            atol: float | None = None, rtol: float | None = None,
-            n_inputs: int = 0, input_source: str = "generated") -> ParityReport:
-    """Compare two output dicts. Outputs are matched by name, else by position."""
-    try:
-        pairs = _match_outputs(ref_out, cand_out)
-    except ValueError as exc:
-        return ParityReport("failed", atol, rtol, [], n_inputs, input_source, str(exc))
-    results = [_compare_one(rn, cn, ref_out[rn], cand_out[cn], atol, rtol, ref_out)
-               for rn, cn in pairs]
-    missing = [k for k in ref_out if k not in {rn for rn, _ in pairs}]
-    ok = all(o.passed for o in results) and not missing
-    reason = f"outputs missing in candidate: {missing}" if missing else ""
-    failed = [o for o in results if not o.passed]
-    if failed and not reason:
-        o = failed[0]
-        reason = f"output {o.name!r}: " + (o.note or f"{o.violations} element(s) outside tolerance")
-    return ParityReport("passed" if ok else "failed", atol, rtol, results, n_inputs,
-                        input_source, reason)
-
+# ----------------------------------------------------------------------------- run + compare
+# The comparison itself (compare, compare_arrays, the report types) lives in the device agent
+# package, standard library + numpy, so a device checks its health vectors with exactly the
+# code the host verified them with.
 
 def batch_size(inputs: dict[str, np.ndarray]) -> int:
     for v in inputs.values():

@@ -289,26 +289,27 @@ def test_device_side_code_runs_alone(setup, tmp_path):
     reg, signers = setup
     out = tmp_path / "alone.bundle"
     b.build("clf:1.0.0", "rpi4", signers, out)
-    agent = tmp_path / "agent"
-    agent.mkdir()
-    for name in ("verifier.py", "health.py"):
-        shutil.copy(REPO / "edgeops" / "agent" / name, agent / name)
+    # the agent package under another name: it may import only itself (relatively)
+    agent = tmp_path / "dev" / "devagent"
+    agent.mkdir(parents=True)
+    for f in (REPO / "edgeops" / "agent").glob("*.py"):
+        shutil.copy(f, agent / f.name)
     code = f"""
 import sys
 sys.path[:] = [p for p in sys.path if 'edgeops' not in p and p not in ('', '.')]
-sys.path.insert(0, {str(agent)!r})
+sys.path.insert(0, {str(agent.parent)!r})
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name == 'edgeops' or name.startswith('edgeops.'):
             raise ImportError('edgeops is not on the device')
 sys.meta_path.insert(0, Block())
-import verifier, health
+from devagent import verifier, health
 root = verifier.load_trust({str(trust.default_dir())!r})
 res = verifier.verify_bundle({str(out)!r}, root, target='rpi4', installed=None, extract_to={str(tmp_path / 'x')!r})
 assert res.ok, res.failures
 assert health.run({str(tmp_path / 'x')!r}, res.manifest, runs=2)['passed']
 allowed = ('cryptography', 'numpy', 'onnxruntime')
-print(sorted({{m.split('.')[0] for m in sys.modules}} - set(sys.stdlib_module_names) - set(allowed) - {{'verifier', 'health'}}))
+print(sorted({{m.split('.')[0] for m in sys.modules}} - set(sys.stdlib_module_names) - set(allowed) - {{'devagent'}}))
 """
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path)

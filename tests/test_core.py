@@ -171,6 +171,48 @@ def test_compare_nan_and_shape():
     assert rep.passed and "squeeze" in rep.outputs[0].note
 
 
+def test_one_comparison_for_host_and_device():
+    """verify.compare and the device health check are the same rule (they disagreed on NaN
+    at the same place and on [1, 2] vs [2])."""
+    from edgeops.agent import health
+
+    cases = [
+        (np.array([1.0, np.nan], np.float32), np.array([1.0, np.nan], np.float32)),
+        (np.array([1.0, np.nan], np.float32), np.array([1.0, 2.0], np.float32)),
+        (np.ones((1, 2), np.float32), np.ones(2, np.float32)),
+        (np.ones((1, 2), np.float32), np.ones(3, np.float32)),
+        (np.array([np.inf, 1.0], np.float32), np.array([np.inf, 1.0], np.float32)),
+        (np.array([np.inf, 1.0], np.float32), np.array([-np.inf, 1.0], np.float32)),
+        (np.array([3, 4]), np.array([3, 5])),
+        (np.array([0.0, 1.0], np.float32), np.array([0.0, 1.0 + 5e-4], np.float32)),
+    ]
+    for ref, got in cases:
+        host = V.compare({"y": ref}, {"y": got}).passed
+        dev = health.compare(ref, got, *V.tolerance_for("float32"))["passed"]
+        assert host == dev, (ref, got)
+    assert [V.compare({"y": r}, {"y": g}).passed for r, g in cases] == \
+        [True, False, True, False, True, False, False, True]
+
+
+def test_compare_diagnoses_permuted_outputs():
+    """A converter that wrote its outputs in another order than their names say (tf2onnx on a
+    real TFLite model): the values are found elsewhere and the permutation is reported."""
+    rng = np.random.default_rng(0)
+    onset, contour = rng.random((2, 172, 88), np.float32), rng.random((2, 172, 264), np.float32)
+    ref = {"contour": contour, "onset": onset}
+    swapped = {"contour": onset, "onset": contour}          # same names, values swapped
+    rep = V.compare(ref, swapped)
+    assert not rep.passed and "permuted" in rep.reason
+    assert rep.permutation == {"contour": "onset", "onset": "contour"}
+    # different names: pairing by position fails, pairing by value passes and says so
+    rep = V.compare(ref, {"out_0": onset, "out_1": contour})
+    assert rep.passed and rep.permutation == {"contour": "out_1", "onset": "out_0"}
+    assert "by value" in rep.reason
+    # no pairing works: the failure names the first bad output, no permutation claimed
+    rep = V.compare(ref, {"out_0": onset + 1, "out_1": contour})
+    assert not rep.passed and rep.permutation is None
+
+
 def test_top1_agreement_reported():
     ref = {"logits": np.array([[2.0, 1.0], [0.0, 1.0]], np.float32)}
     cand = {"logits": np.array([[1.0, 2.0], [0.0, 1.0]], np.float32)}

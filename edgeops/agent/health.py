@@ -1,11 +1,10 @@
 """The health check a verified bundle carries: reference inputs must give the expected outputs
-within the manifest's tolerances, and latency must meet its SLO.
+within the manifest's tolerances (edgeops' one comparison, `compare.py`), and latency must
+meet its SLO.
 
 Runs on the device (numpy + onnxruntime, nothing else from edgeops) on a folder that
 `verifier.verify_bundle(..., extract_to=DIR)` filled, with the manifest that verification
-returned (never a manifest read from the folder). The comparison is the one edgeops.verify
-uses: |candidate - expected| <= atol + rtol * |expected| elementwise; non-float outputs must
-match exactly. Not covered: slots, switching, rollback (the fleet agent).
+returned (never a manifest read from the folder). Not covered: slots, switching, rollback (the fleet agent).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare import compare_arrays
+
 PAYLOAD = "payload/"
 
 
@@ -24,16 +25,16 @@ def _local(folder: Path, name: str) -> Path:
 
 
 def compare(expected: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict:
-    if got.shape != expected.shape:
-        return {"passed": False, "reason": f"shape {list(got.shape)} != expected {list(expected.shape)}"}
-    if expected.dtype.kind != "f":
-        same = int(np.sum(got == expected))
-        return {"passed": same == expected.size, "agreement": same / max(expected.size, 1)}
-    e, g = expected.astype(np.float64), got.astype(np.float64)
-    diff = np.abs(g - e)
-    bad = int(np.sum(~(diff <= atol + rtol * np.abs(e))))     # NaN counts as a violation
-    return {"passed": bad == 0, "violations": bad,
-            "max_abs": float(np.nanmax(diff)) if diff.size else 0.0}
+    """One reference output against what the model gave: edgeops' one comparison rule."""
+    p = compare_arrays(expected, got, atol, rtol)
+    r = {"passed": p.passed, "violations": p.violations}
+    if p.max_abs is not None:
+        r["max_abs"] = p.max_abs
+    if p.agreement is not None:
+        r["agreement"] = p.agreement
+    if p.note:
+        r["note" if p.passed else "reason"] = p.note
+    return r
 
 
 class HealthError(Exception):
