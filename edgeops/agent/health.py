@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .compare import compare_arrays
+from .ort import session
 
 PAYLOAD = "payload/"
 
@@ -61,19 +62,13 @@ def run(folder: str | Path, manifest: dict, threads: int = 1, runs: int = 30,
 
 
 def _run(folder: Path, manifest: dict, threads: int, runs: int, check_slo: bool) -> dict:
-    import onnxruntime as ort
-
     health = manifest.get("health")
     if not isinstance(health, dict) or not isinstance(health.get("inputs"), dict) \
             or not isinstance(health.get("expected"), dict):
         raise HealthError("the bundle has no health section (reference inputs and expected outputs)")
     if not health["expected"]:
         raise HealthError("the bundle lists no expected outputs: nothing would be checked")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(_local(folder, manifest["model"])), so, providers=["CPUExecutionProvider"])
+    sess = session(_local(folder, manifest["model"]), threads)
     want_in = {i.name for i in sess.get_inputs()}
     have_out = {o.name for o in sess.get_outputs()}
     if set(health["inputs"]) != want_in:

@@ -123,8 +123,11 @@ def parse_runner(rc: int, stdout: str, stderr: str, where: str) -> dict:
         except (ValueError, IndexError):
             raise RunnerError(f"{where}: the benchmark runner printed no report "
                               f"({first_line(Exception(stderr or stdout or 'no output'))})") from None
+    from ..agent.ort import describe
+
     lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("@progress")]
-    msg = (lines[-1] if lines else f"exit code {rc}").removeprefix("edgeops-runner: ")
+    msg = describe(Exception((lines[-1] if lines else f"exit code {rc}")
+                             .removeprefix("edgeops-runner: ")))
     err = RunnerError(f"{where}: {msg[:400]}")
     if rc == 3:
         err.exit_code = EXIT_ENV
@@ -214,7 +217,13 @@ def bench(model: str | Path, *, settings: Settings | None = None, inputs: str | 
         with tempfile.TemporaryDirectory(prefix="edgeops-bench-") as tmp:
             fp = write_feeds(feeds, Path(tmp) / "inputs.npz")
             if device is None:
-                run = run_local(model, fp, s, progress=progress)
+                try:
+                    run = run_local(model, fp, s, progress=progress)
+                except RunnerError:
+                    from ..formats.onnx import load_session
+
+                    load_session(model)     # a model onnxruntime refuses: say why, in one line
+                    raise
                 where, dev = "local", None
             else:
                 from .remote import run_remote

@@ -204,7 +204,7 @@ def inspect(path, shapes, trust_pickle, as_json):
             for s in sig[kind]:
                 shape = "?" if s["shape"] is None else "[" + ", ".join(
                     "?" if d is None else str(d) for d in s["shape"]) + "]"
-                t.add_row(kind[:-1], _esc(s["name"]), s["dtype"], shape)
+                t.add_row(kind[:-1], _esc(s["name"]), _esc(s["dtype"]), _esc(shape))
         out.print(t)
     elif info.get("signature_error"):
         out.print(f"  signature: [yellow]{_esc(info['signature_error'])}[/]")

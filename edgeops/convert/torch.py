@@ -82,11 +82,9 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _ort_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
+    from ..agent.ort import session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = session(path)
     names = [i.name for i in sess.get_inputs()]
     return sess.run(None, dict(zip(names, feeds.values())))
 

@@ -120,23 +120,61 @@ class OnnxRunner:
     """onnxruntime CPU session behind the common Runner interface."""
 
     def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise FormatError(f"{path}: onnxruntime cannot load the model: {first_line(exc)}") from exc
+        self.session = load_session(path, threads)
         self.signature = signature(path)
         self._out_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.session.run(self._out_names, feeds)
         return dict(zip(self._out_names, outs))
+
+
+def load_session(path: Path, threads: int | None = None):
+    """An onnxruntime session for PATH; a model onnxruntime refuses is a FormatError that says
+    why in one line (and names tensors that no graph defines, the usual cause)."""
+    from ..agent.ort import describe, session
+
+    try:
+        return session(path, threads)
+    except Exception as exc:
+        why = describe(exc)
+        try:
+            missing = undefined_inputs(load(Path(path), external_data=False))
+        except Exception:  # noqa: BLE001 - the diagnosis is a bonus; the ORT reason stands
+            missing = []
+        if missing:
+            node, tensor = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            why = (f"node {node!r} reads {tensor!r}, which no graph in the model defines{more}: "
+                   "the file is broken (re-export it)")
+        raise FormatError(f"{path}: onnxruntime cannot load the model: {why}") from exc
+
+
+def undefined_inputs(model) -> list[tuple[str, str]]:
+    """(node, tensor) for node inputs that nothing defines in their scope: not a graph input,
+    an initializer, a Constant or another node's output, in the node's graph or any graph
+    enclosing it (subgraphs see outer scopes)."""
+    from onnx import AttributeProto
+
+    out: list[tuple[str, str]] = []
+
+    def walk(g, outer: set[str], where: str) -> None:
+        known = set(outer) | {i.name for i in g.input} | {t.name for t in g.initializer} | \
+            {t.values.name for t in g.sparse_initializer} | {""}
+        for n in g.node:
+            label = f"{where}{n.name or n.op_type}"
+            for i in n.input:
+                if i not in known:
+                    out.append((label, i))
+            for a in n.attribute:
+                subs = [a.g] if a.type == AttributeProto.GRAPH else \
+                    list(a.graphs) if a.type == AttributeProto.GRAPHS else []
+                for sg in subs:
+                    walk(sg, known, f"{label}/{a.name}/")
+            known.update(n.output)
+
+    walk(model.graph, set(), "")
+    return out
 
 
 def runner(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None, threads: int | None = None):

@@ -55,21 +55,22 @@ def distill_module(tm, student, *, student_label: str, work, data: gates.Dataset
     classifier = k is not None
     k = k or 0
     n = data.n
+    train_x = data.feeds                       # samples on axis 0 (refused otherwise)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     if eval_set is None:                       # hold out 10 % of the data, fixed
         n_hold = max(1, n // 10)
         hold, train_idx = order[:n_hold], order[n_hold:]
-        ev_x = {nm: data.feeds[nm][hold] for nm in names}
+        ev_x = {nm: train_x[nm][hold] for nm in names}
         ev_ref, ev_labels, ev_what = t_out[k][hold], None, "agreement with the teacher on 10 % of --data"
     else:
         train_idx = order
-        ev_x = {nm: eval_set.feeds[nm] for nm in names}
+        ev_x = eval_set.feeds
         ev_ref = teacher_outputs(teacher, eval_set, threads)[k]
         ev_labels = eval_set.labels
         ev_what = ("accuracy on " if ev_labels is not None else "agreement with the teacher on ") \
             + eval_set.source
-    x_all = {nm: torch.from_numpy(np.ascontiguousarray(data.feeds[nm])) for nm in names}
+    x_all = {nm: torch.from_numpy(np.ascontiguousarray(train_x[nm])) for nm in names}
     y_all = [torch.from_numpy(o) for o in t_out]
 
     T = float(temperature)

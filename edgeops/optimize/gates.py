@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -47,38 +47,113 @@ def parse_drop(text: str | float) -> float:
 
 # ----------------------------------------------------------------------------- data
 
+LAYOUTS = ("stacked", "batched", "files", "generated")
+
+
 @dataclass
 class Dataset:
-    """Model inputs with samples on axis 0, plus optional labels."""
-    feeds: dict[str, np.ndarray]
+    """Model inputs for calibration and evaluation, as runnable feeds, plus optional labels.
+
+    Three layouts are read (`load_dataset` decides from the model's input ranks, and the
+    report says which it took):
+      stacked   a sample axis in front of every input, (N, *input shape): each sample is one
+                inference as is, so state inputs, scalars and any batch layout just work;
+      batched   samples concatenated on each input's batch axis (axis 0, or where the model
+                names its batch dim: a GRU state [1, batch, 64] is concatenated on axis 1),
+                sliced into feeds of `batch` rows; inputs without a batch axis are shared;
+      files     a folder of per-sample .npz files, each keyed by input name.
+    `generated` is seeded random inputs (the report says so).
+    """
+    chunks: list[dict[str, np.ndarray]]   # runnable feeds, in sample order
+    rows: list[int]                       # samples in each chunk (labels follow this order)
     labels: np.ndarray | None
-    source: str                  # file name, "random (generated)", ...
-    batch: int = 1               # rows per inference (the model's fixed batch, else chosen)
-    fixed: bool = False          # the model only takes `batch` rows: a remainder is dropped
+    source: str                           # file name, "random (generated)", ...
+    layout: str                           # one of LAYOUTS
+    description: str = ""                 # how the data was read, for reports
+    axes: dict[str, int | None] = field(default_factory=dict)   # batch axis per input (batched)
+    dropped: int = 0                      # samples left out (a fixed batch's remainder)
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}")
+        if len(self.chunks) != len(self.rows) or not self.chunks:
+            raise ValueError("a dataset needs at least one feed and a row count per feed")
 
     @property
     def n(self) -> int:
-        return int(next(iter(self.feeds.values())).shape[0])
+        return int(sum(self.rows))
 
     @property
     def n_used(self) -> int:
-        return self.n - self.n % self.batch if self.fixed else self.n
+        return self.n
 
-    def batches(self, limit: int | None = None, full_only: bool = False,
-                rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of `rows` (default: the dataset's batch); the last may be short unless
-        the model's batch is fixed or `full_only` (onnxruntime's histogram calibrators need
-        equal batches)."""
-        size = rows or self.batch
-        n = self.n_used if limit is None else min(self.n_used, limit)
-        for i in range(0, n, size):
-            if (self.fixed or full_only) and i + size > n:
-                break
-            yield {k: v[i:i + size] for k, v in self.feeds.items()}
+    @property
+    def batch(self) -> int:
+        return self.rows[0]
+
+    def batches(self, limit: int | None = None, full_only: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds in order, up to `limit` samples; `full_only` drops a last feed with fewer
+        rows than the first (onnxruntime's histogram calibrators need equal batches)."""
+        seen = 0
+        for chunk, rows in zip(self.chunks, self.rows):
+            if limit is not None and seen >= limit:
+                return
+            if full_only and rows != self.rows[0]:
+                return
+            seen += rows
+            yield chunk
 
     def n_batches(self, limit: int | None = None) -> int:
-        n = self.n_used if limit is None else min(self.n_used, limit)
-        return n // self.batch if self.fixed else -(-n // self.batch)
+        return sum(1 for _ in self.batches(limit))
+
+    def small(self, limit: int, rows: int = 4) -> list[dict[str, np.ndarray]]:
+        """Feeds of at most `rows` samples covering about `limit` samples (sensitivity
+        ranking keeps every intermediate tensor: small feeds bound memory)."""
+        out, seen = [], 0
+        for chunk, n in zip(self.chunks, self.rows):
+            if seen >= limit:
+                break
+            if self.layout == "batched" and n > rows and self._splittable():
+                for i in range(0, n, rows):
+                    if seen >= limit:
+                        break
+                    out.append(self._slice(chunk, i, min(n, i + rows)))
+                    seen += min(n, i + rows) - i
+            else:
+                out.append(chunk)
+                seen += n
+        return out
+
+    def one(self) -> dict[str, np.ndarray]:
+        """One inference's feed (one sample, or the model's fixed batch): what latency is
+        measured on."""
+        chunk = self.chunks[0]
+        if self.layout == "batched" and self.rows[0] > 1 and self._splittable():
+            return self._slice(chunk, 0, 1)
+        return chunk
+
+    def _splittable(self) -> bool:
+        return any(a is not None for a in self.axes.values())
+
+    def _slice(self, chunk: dict, lo: int, hi: int) -> dict[str, np.ndarray]:
+        out = {}
+        for k, v in chunk.items():
+            ax = self.axes.get(k)
+            out[k] = v if ax is None else np.take(v, np.arange(lo, hi), axis=ax)
+        return out
+
+    @property
+    def feeds(self) -> dict[str, np.ndarray]:
+        """Every input with all samples concatenated on axis 0 (what training needs)."""
+        names = list(self.chunks[0])
+        bad = [k for k in names if self.axes.get(k, 0) not in (0,) and self.layout == "batched"]
+        try:
+            if bad:
+                raise ValueError
+            return {k: np.concatenate([c[k] for c in self.chunks], axis=0) for k in names}
+        except ValueError:
+            raise UsageError(f"{self.source}: this needs every input with its samples on axis 0 "
+                             f"({self.description})") from None
 
 
 def fixed_batch(signature: Signature) -> int | None:
@@ -87,11 +162,68 @@ def fixed_batch(signature: Signature) -> int | None:
     return fixed.pop() if len(fixed) == 1 and all(isinstance(d, int) for d in dims) else None
 
 
+def batch_axes(signature: Signature) -> dict[str, int | None]:
+    """Each input's batch axis: where it carries the dim name that the first input carries
+    on axis 0 (a GRU state [1, batch, 64] has it on axis 1); else axis 0 when the input has
+    a dynamic or size-1 first dim; None for scalars and inputs with no batch axis."""
+    batch_name = None
+    for s in signature.inputs:
+        if s.shape and isinstance(s.shape[0], str):
+            batch_name = s.shape[0]
+            break
+    out: dict[str, int | None] = {}
+    for s in signature.inputs:
+        if not s.shape:
+            out[s.name] = None if s.shape == () else 0
+            continue
+        if batch_name is not None and batch_name in s.shape:
+            out[s.name] = list(s.shape).index(batch_name)
+        elif not isinstance(s.shape[0], int) or s.shape[0] == 1 or batch_name is None:
+            out[s.name] = 0
+        else:
+            out[s.name] = None
+    return out
+
+
+def _layout(arrays: dict[str, np.ndarray], signature: Signature, where: str) -> str:
+    """'stacked' or 'batched', from the ranks of the data against the model's inputs."""
+    votes = {}
+    for spec in signature.inputs:
+        a = arrays[spec.name]
+        if spec.shape is None:
+            continue
+        r = len(spec.shape)
+        if a.ndim == r + 1:
+            votes[spec.name] = "stacked"
+        elif a.ndim == r:
+            votes[spec.name] = "batched"
+        else:
+            raise UsageError(f"{where}: {spec.name!r} has shape {list(a.shape)}; the model takes "
+                             f"rank {r} {list(spec.shape)}, so the data must be rank {r + 1} "
+                             f"(samples stacked on a new axis 0) or rank {r} (samples "
+                             "concatenated on the batch axis)")
+    kinds = set(votes.values())
+    if len(kinds) > 1:
+        shown = ", ".join(f"{k}: {v}" for k, v in votes.items())
+        raise UsageError(f"{where}: the inputs disagree on the layout ({shown}); stack every "
+                         "input on a new axis 0, or concatenate every input on its batch axis")
+    return kinds.pop() if kinds else "batched"
+
+
+def _shape_text(arrays: dict[str, np.ndarray], drop_first: bool) -> str:
+    return ", ".join(f"{k} {list(v.shape[1:] if drop_first else v.shape)}" for k, v in arrays.items())
+
+
 def load_dataset(path: str | Path, signature: Signature, labels_key: str | None = None,
                  eval_batch: int = 32) -> Dataset:
+    """An .npz keyed by input name, a folder of NAME.npy, or a folder of per-sample .npz
+    files; the layout (see Dataset) is decided from the ranks and stated in `description`."""
     from ..verify import adapt_feeds, load_inputs
 
-    raw = load_inputs(path)
+    p = Path(path)
+    if p.is_dir() and not list(p.glob("*.npy")) and list(p.glob("*.npz")):
+        return _load_files(p, signature, labels_key)
+    raw = load_inputs(p)
     labels = None
     if labels_key is not None:
         if labels_key not in raw:
@@ -99,37 +231,109 @@ def load_dataset(path: str | Path, signature: Signature, labels_key: str | None 
                              f"(arrays: {', '.join(sorted(raw))})")
         labels = np.asarray(raw.pop(labels_key))
     feeds = adapt_feeds(raw, signature)
-    ns = {k: v.shape[0] if v.ndim else 0 for k, v in feeds.items()}
-    if len(set(ns.values())) != 1 or 0 in ns.values():
-        raise UsageError(f"{path}: inputs must share the sample axis 0 (sizes {ns})")
-    n = next(iter(ns.values()))
-    if labels is not None and labels.shape[0] != n:
-        raise UsageError(f"{path}: {labels.shape[0]} labels for {n} samples")
+    layout = _layout(feeds, signature, str(path))
+    if layout == "stacked":
+        ns = {k: v.shape[0] for k, v in feeds.items()}
+        if len(set(ns.values())) != 1:
+            raise UsageError(f"{path}: stacked inputs must hold the same number of samples "
+                             f"on axis 0 (sizes {ns})")
+        n = next(iter(ns.values()))
+        if n == 0:
+            raise UsageError(f"{path}: no samples")
+        chunks = [{k: v[i] for k, v in feeds.items()} for i in range(n)]
+        axes = batch_axes(signature)
+        rows = [_rows(c, axes) for c in chunks]
+        desc = (f"stacked: {n} samples on a new axis 0, each one inference of "
+                f"{_shape_text(feeds, True)}")
+        return _with_labels(Dataset(chunks, rows, None, p.name, "stacked", desc, axes), labels, str(path))
+
+    axes = batch_axes(signature)
+    sizes = {k: v.shape[axes[k]] for k, v in feeds.items() if axes.get(k) is not None and v.ndim}
+    if len(set(sizes.values())) != 1:
+        where = {k: f"{sizes[k]} on axis {axes[k]}" for k in sizes}
+        raise UsageError(f"{path}: inputs must hold the same number of samples on their batch "
+                         f"axis ({where})" if sizes else
+                         f"{path}: no input has a batch axis to hold samples; stack the samples "
+                         "on a new axis 0 (shape (N, *input shape))")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise UsageError(f"{path}: no samples")
     fixed = fixed_batch(signature)
     batch = fixed if fixed else min(eval_batch, n)
     if n < batch:
         raise UsageError(f"{path}: {n} samples, but the model takes batches of {batch}")
-    for spec in signature.inputs:
-        arr = feeds[spec.name]
-        if spec.shape and len(spec.shape) != arr.ndim:
-            raise UsageError(f"{path}: {spec.name!r} has shape {list(arr.shape)}, the model "
-                             f"expects rank {len(spec.shape)} {spec.shape} (samples on axis 0)")
-    return Dataset(feeds=feeds, labels=labels, source=Path(path).name, batch=batch,
-                   fixed=bool(fixed))
+    used = n - n % batch if fixed else n
+    ds = Dataset([{}], [1], None, p.name, "batched", axes=axes)
+    chunks = [ds._slice(feeds, i, min(used, i + batch)) for i in range(0, used, batch)]
+    rows = [min(used, i + batch) - i for i in range(0, used, batch)]
+    off_axis = {k: a for k, a in axes.items() if a not in (0, None)}
+    shared = [k for k, a in axes.items() if a is None]
+    desc = f"batched: {n} samples concatenated on the batch axis"
+    if off_axis:
+        desc += " (" + ", ".join(f"{k} on axis {a}" for k, a in off_axis.items()) + ")"
+    if shared:
+        desc += f"; shared by every feed: {', '.join(shared)}"
+    ds = Dataset(chunks, rows, None, p.name, "batched", desc, axes, dropped=n - used)
+    if labels is not None and labels.shape[0] == n and used < n:
+        labels = labels[:used]
+    return _with_labels(ds, labels, str(path))
+
+
+def _rows(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> int:
+    """Samples in one inference's feed: the size of the first batch axis (1 without one)."""
+    for k, a in axes.items():
+        v = feed.get(k)
+        if a is not None and v is not None and v.ndim > a:
+            return int(v.shape[a])
+    return 1
+
+
+def _with_labels(ds: Dataset, labels: np.ndarray | None, where: str) -> Dataset:
+    if labels is not None:
+        if labels.ndim == 0 or labels.shape[0] != ds.n:
+            got = labels.shape[0] if labels.ndim else "a scalar"
+            raise UsageError(f"{where}: {got} labels for {ds.n} samples")
+        ds.labels = labels
+    return ds
+
+
+def _load_files(folder: Path, signature: Signature, labels_key: str | None) -> Dataset:
+    from ..verify import adapt_feeds, load_inputs
+
+    files = sorted(folder.glob("*.npz"))
+    axes = batch_axes(signature)
+    chunks, labels = [], []
+    for f in files:
+        raw = load_inputs(f)
+        if labels_key is not None:
+            if labels_key not in raw:
+                raise UsageError(f"{f}: no array named {labels_key!r} for --labels")
+            labels.append(np.atleast_1d(raw.pop(labels_key)))
+        feed = adapt_feeds(raw, signature)
+        for spec in signature.inputs:
+            if spec.shape is not None and feed[spec.name].ndim != len(spec.shape):
+                raise UsageError(f"{f}: {spec.name!r} has shape {list(feed[spec.name].shape)}, "
+                                 f"the model takes rank {len(spec.shape)} {list(spec.shape)} "
+                                 "(one sample per file)")
+        chunks.append(feed)
+    rows = [_rows(c, axes) for c in chunks]
+    desc = f"files: {len(files)} per-sample .npz files, each one inference"
+    ds = Dataset(chunks, rows, None, folder.name, "files", desc, axes)
+    return _with_labels(ds, np.concatenate(labels) if labels else None, str(folder))
 
 
 def random_dataset(signature: Signature, n: int = 64, seed: int = 0,
                    shapes: dict[str, tuple[int, ...]] | None = None) -> Dataset:
-    """Seeded inputs from the signature (dynamic dims from `shapes`, else verify's default)."""
+    """Seeded inputs from the signature (dynamic dims from `shapes`, else verify's default),
+    one inference per sample."""
     from ..verify import make_inputs
 
-    fixed = fixed_batch(signature)
-    batch = fixed or 1
-    parts = [make_inputs(signature, shapes=shapes, batch=batch, seed=seed + i)
-             for i in range(max(1, n // batch))]
-    feeds = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    return Dataset(feeds=feeds, labels=None, source="random (generated)", batch=batch,
-                   fixed=bool(fixed))
+    batch = fixed_batch(signature) or 1
+    axes = batch_axes(signature)
+    chunks = [make_inputs(signature, shapes=shapes, batch=batch, seed=seed + i)
+              for i in range(max(1, n // batch))]
+    return Dataset(chunks, [_rows(c, axes) for c in chunks], None, "random (generated)",
+                   "generated", "generated: seeded random inputs from the signature", axes)
 
 
 # ----------------------------------------------------------------------------- metric
@@ -178,9 +382,9 @@ def _pred(o: np.ndarray, rows: int) -> np.ndarray | None:
 def collect_outputs(run: Callable[[dict], list[np.ndarray]], data: Dataset,
                     tick: Callable[[], None] | None = None) -> Outputs:
     out = Outputs([], [])
-    for feeds in data.batches():
+    for feeds, rows in zip(data.batches(), data.rows):
         out.batches.append([np.asarray(o) for o in run(feeds)])
-        out.rows.append(int(next(iter(feeds.values())).shape[0]))
+        out.rows.append(rows)
         if tick:
             tick()
     return out
@@ -266,14 +470,9 @@ def verdict(speedup: float) -> str:
 
 
 def session(path: str | Path, threads: int):
-    import onnxruntime as ort
+    from ..agent.ort import session as ort_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads)
 
 
 _LOADS_OK: set[tuple[str, int, int]] = set()

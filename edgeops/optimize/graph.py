@@ -1,8 +1,10 @@
 """ONNX graph chores around quantization: preparation, weight accounting, sensitivity.
 
-* `prepare`: name every node (exclusion lists need names), move float `Constant` tensors to
-  initializers in every graph including If/Loop/Scan bodies (the quantizers only look at
-  initializers), then onnxruntime's pre-processing (shape inference + graph optimization).
+* `prepare`: name every node (exclusion lists need names), normalise (edgeops.normalize:
+  initializers out of the inputs, float `Constant` tensors to initializers in every graph
+  including If/Loop/Scan bodies, since the quantizers only look at initializers), raise
+  opsets below 13 to 13 when that verifies (per-channel weights need it), then onnxruntime's
+  pre-processing (shape inference + graph optimization).
 * `weight_stats`: how many float parameters a model holds, and which of them still feed a
   float compute op after quantization ("stayed float"), across all subgraphs.
 * `rank_sensitivity`: run the float and the quantized model side by side with every node
@@ -57,48 +59,53 @@ def name_nodes(model) -> int:
     return count
 
 
-def hoist_constants(model) -> int:
-    """Float `Constant` nodes -> initializers of the same graph. Returns tensors moved."""
-    from onnx import AttributeProto
-
-    moved = 0
-    for g, _ in all_graphs(model.graph):
-        keep = []
-        for n in g.node:
-            if (n.op_type == "Constant" and len(n.attribute) == 1
-                    and n.attribute[0].type == AttributeProto.TENSOR
-                    and n.attribute[0].t.data_type in FLOAT_TYPES):
-                t = type(n.attribute[0].t)()
-                t.CopyFrom(n.attribute[0].t)
-                t.name = n.output[0]
-                g.initializer.append(t)
-                moved += 1
-            else:
-                keep.append(n)
-        if len(keep) != len(g.node):
-            del g.node[:]
-            g.node.extend(keep)
-    return moved
-
-
 @dataclass
 class Prepared:
     path: Path
     notes: list[str] = field(default_factory=list)
+    per_channel: bool = True          # False: the opset stayed below 13 (no DequantizeLinear axis)
+    opset: int = 0
 
 
-def prepare(src: Path, workdir: Path) -> Prepared:
+PER_CHANNEL_OPSET = 13      # DequantizeLinear/QuantizeLinear gained `axis` in opset 13
+
+
+def prepare(src: Path, workdir: Path, feeds_list: list[dict] | None = None) -> Prepared:
+    """Normalise (names, initializers out of the inputs, float Constants to initializers),
+    bring opsets below 13 up to 13 when onnx's converter manages it and onnxruntime gives the
+    same outputs on FEEDS_LIST, then onnxruntime's pre-processing. Every step is noted."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .. import normalize
 
     model = onnx.load(str(src))
     notes = []
     named = name_nodes(model)
     if named:
         notes.append(f"named {named} unnamed nodes")
-    moved = hoist_constants(model)
+    ir = model.ir_version
+    dropped = normalize.initializers_out_of_inputs(model)
+    if dropped:
+        notes.append(f"removed {dropped} initializers from the graph inputs (IR < 4 style)")
+    if model.ir_version != ir:
+        notes.append(f"IR version {ir} -> {model.ir_version} (initializers are not inputs)")
+    moved = normalize.constants_to_initializers(model, float_only=True)
     if moved:
         notes.append(f"moved {moved} float Constant tensors to initializers")
+    have = normalize.default_opset(model)
+    per_channel = True
+    if have < PER_CHANNEL_OPSET:
+        up, why = normalize.convert_opset(model, PER_CHANNEL_OPSET, feeds_list or [])
+        if up is not None:
+            model = up
+            notes.append(f"opset {have} -> {PER_CHANNEL_OPSET} (onnx version converter; same "
+                         f"outputs under onnxruntime on {len(feeds_list or [])} sample(s)): "
+                         "per-channel weights need DequantizeLinear's axis")
+        else:
+            per_channel = False
+            notes.append(f"opset {have} kept ({why}): weights per-tensor, since "
+                         f"DequantizeLinear has no axis before opset {PER_CHANNEL_OPSET}")
     staged = workdir / "staged.onnx"
     onnx.save(model, str(staged))
     out = workdir / "prepared.onnx"
@@ -117,7 +124,8 @@ def prepare(src: Path, workdir: Path) -> Prepared:
             name_nodes(m)      # the optimizer may add unnamed nodes
             onnx.save(m, str(out))
             notes.insert(0, f"pre-processing: {what}")
-            return Prepared(path=out, notes=notes)
+            return Prepared(path=out, notes=notes, per_channel=per_channel,
+                            opset=normalize.default_opset(m))
         except Exception as exc:  # noqa: BLE001 - each attempt is a fallback, reported
             last = exc
     raise ConversionError(f"onnxruntime pre-processing failed: {first_line(last)}")
@@ -246,12 +254,15 @@ def weight_stats(model, float_types: tuple[int, ...] = FLOAT_TYPES) -> WeightSta
     return WeightStats(total, compute, weights, sub)
 
 
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                 "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
+                 "MatMulIntegerToFloat", "QAttention", "DynamicQuantizeLSTM", "QGemm",
+                 "QLinearAdd", "QLinearMul", "QLinearConcat", "MatMulNBits"}
+
+
 def quantized_op_count(model) -> int:
     """Nodes that carry int8 compute or quantized tensors (0 means nothing was quantized)."""
-    ops = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-           "ConvInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
-           "MatMulIntegerToFloat", "QAttention", "DynamicQuantizeLSTM"}
-    return sum(1 for n in walk_nodes(model.graph) if n.op_type in ops)
+    return sum(1 for n in walk_nodes(model.graph) if n.op_type in QUANTIZED_OPS)
 
 
 # ----------------------------------------------------------------------------- sensitivity

@@ -390,6 +390,15 @@ def _check_source(src: Path):
         "Core ML models cannot be quantized here: there is no Core ML runtime on this OS to "
         "measure accuracy or speed",
         "quantize the ONNX model, then convert it to Core ML (or use coremltools.optimize on macOS)")
+    onnx_fmt.load_session(src)          # a model onnxruntime refuses: one line that says why
+    already = graph.quantized_op_count(model)
+    if already:
+        ops = sorted({n.op_type for n in graph.walk_nodes(model.graph)
+                      if n.op_type in graph.QUANTIZED_OPS})
+        raise UsageError(f"{src}: the model is already quantized ({already} nodes: "
+                         f"{', '.join(ops)}); quantizing it again would stack a second "
+                         "rounding on the first",
+                         hint="quantize the float model it was made from")
     stats = graph.weight_stats(model)
     if stats.float_params == 0:
         raise UsageError(f"{src}: the model has no float weights, nothing to quantize",
@@ -482,15 +491,19 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         data = gates.random_dataset(sig, n=64, seed=1, shapes=shapes)
         warn("no --eval data: accuracy measured as agreement with fp32 on RANDOM inputs; "
              "real-data accuracy is unknown")
-    if data.n_used < data.n:
-        warn(f"the model takes batches of {data.batch}: the last {data.n - data.n_used} eval "
+    if data.dropped:
+        warn(f"the model takes batches of {data.batch}: the last {data.dropped} eval "
              "samples are not used")
 
     work = Path(tempfile.mkdtemp(prefix="edgeops-quant-"))
     try:
-        prog.say("pre-processing (shape inference + graph optimization)")
-        prep = graph.prepare(src, work)
+        prog.say("pre-processing (normalisation, shape inference, graph optimization)")
+        prep = graph.prepare(src, work, (calib or data).small(2, 1))
         pre = prep.path
+        if not prep.per_channel and settings.per_channel:
+            settings.per_channel = False
+            settings.reasons.append(f"weights per-tensor: the model stays at opset {prep.opset} "
+                                    "(see pre-processing)")
 
         # ---- fp32 reference
         fsess = gates.session(src, threads)
@@ -559,8 +572,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         # ---- speed gate: all variants and fp32, interleaved
         prog.say(f"timing fp32 and {', '.join(v.name for v in built)} interleaved "
                  f"({threads} thread{'s' if threads > 1 else ''})")
-        one = gates.fixed_batch(sig) or 1      # latency of one inference at the model's batch
-        feeds = {k: a[:one] for k, a in data.feeds.items()}
+        feeds = data.one()          # latency of one inference at the model's batch
         speed = gates.measure_interleaved({"fp32": src, **{v.name: v.path for v in built}},
                                           feeds, threads=threads, seconds=measure_seconds)
         for v in built:
@@ -635,8 +647,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
 
 def _small_batches(data: gates.Dataset, limit: int) -> list[dict]:
     """Sensitivity ranking keeps every intermediate tensor: small batches bound memory."""
-    rows = data.batch if data.fixed else min(SENS_BATCH, data.batch)
-    return list(data.batches(max(limit, rows), rows=rows))
+    return data.small(limit, SENS_BATCH)
 
 
 def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
