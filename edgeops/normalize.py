@@ -86,15 +86,33 @@ def constants_to_initializers(model, float_only: bool = False) -> int:
     return moved
 
 
+def rename_tensor(model, old: str, new: str) -> None:
+    """Rename a tensor everywhere: node inputs/outputs in every graph, graph inputs, outputs,
+    value_info and initializers."""
+    for g in _graphs(model.graph):
+        for n in g.node:
+            for names in (n.input, n.output):
+                for k, x in enumerate(names):
+                    if x == old:
+                        names[k] = new
+        for coll in (g.input, g.output, g.value_info, g.initializer):
+            for v in coll:
+                if v.name == old:
+                    v.name = new
+
+
 def verify_same(a, b, feeds_list: list[dict[str, np.ndarray]], atol: float = 1e-5,
                 rtol: float = 1e-4) -> str | None:
     """None when models A and B (ModelProtos) give the same outputs under onnxruntime on every
-    feed, else why not (one line)."""
+    feed, else why not (one line). Both run literally (graph optimisations off): a rewrite is
+    checked against the graph's own semantics, not against fused int8 kernels that round
+    differently."""
     from .agent.compare import compare
     from .agent.ort import describe, session
 
     try:
-        sa, sb = session(a.SerializeToString()), session(b.SerializeToString())
+        sa = session(a.SerializeToString(), optimization="disabled")
+        sb = session(b.SerializeToString(), optimization="disabled")
     except Exception as exc:  # noqa: BLE001
         return f"onnxruntime refuses it ({describe(exc, 200)})"
     names = [o.name for o in sa.get_outputs()]

@@ -12,6 +12,7 @@ or time anything.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,56 @@ def adapt_feeds(feeds: dict[str, np.ndarray], signature: Signature) -> dict[str,
 # The comparison itself (compare, compare_arrays, the report types) lives in the device agent
 # package, standard library + numpy, so a device checks its health vectors with exactly the
 # code the host verified them with.
+
+QUANT_STEPS = 2          # a quantized output may differ by this many steps
+
+
+@dataclass
+class QuantizedReference:
+    """How to check a conversion whose source computes in int8 (see quantized_reference)."""
+    tolerances: dict[str, tuple[float, float]]     # output -> (atol, 0): whole steps
+    outputs: dict[str, np.ndarray]                 # the source run literally (reference kernels)
+    notes: list[str]
+
+
+def quantized_reference(fmt: str, path: str | Path, feeds: dict[str, np.ndarray],
+                        ref_out: dict[str, np.ndarray], opts=None) -> QuantizedReference | None:
+    """For a quantized source (int8 QDQ/QLinear ONNX, int8 TFLite): the reference to compare a
+    conversion with, and tolerances from the quantization step instead of fp32's. None for
+    float sources.
+
+    A quantized model's fused int8 kernels round differently from the graph's literal
+    arithmetic, and the differences compound through layers: onnxruntime's own int8 kernels
+    and its unfused run of the same QDQ graph disagree by tens of output steps. A converter
+    reproduces the literal arithmetic, so that is the reference (the format's
+    `reference_runner`: onnxruntime without graph optimisations, LiteRT's reference kernels),
+    held to QUANT_STEPS x the output's step; the default runtime's distance from it is noted,
+    so a user sees the spread their deployment runtime adds."""
+    from . import formats as F
+
+    mod = F.module_for(fmt)
+    steps_of = getattr(mod, "quantization", None)
+    ref_runner = getattr(mod, "reference_runner", None)
+    if steps_of is None or ref_runner is None:
+        return None
+    steps = steps_of(Path(path), fmt, opts)
+    if not steps:
+        return None
+    lit = ref_runner(Path(path), fmt, opts)
+    literal = lit.run(adapt_feeds(feeds, lit.signature))
+    tol, notes = {}, []
+    for k, step in steps.items():
+        spread = 0.0
+        if k in literal and k in ref_out and np.shape(literal[k]) == np.shape(ref_out[k]):
+            d = np.abs(np.asarray(literal[k], np.float64) - np.asarray(ref_out[k], np.float64))
+            spread = float(np.nanmax(d)) if d.size else 0.0
+        tol[k] = (QUANT_STEPS * step, 0.0)
+        notes.append(f"{k}: quantized source, checked against its literal arithmetic (reference "
+                     f"kernels) within {QUANT_STEPS} steps of {step:.4g}; its default runtime's "
+                     f"fused int8 kernels differ from that by {spread:.4g} ({spread / step:.0f} "
+                     "steps) here")
+    return QuantizedReference(tol, literal, notes)
+
 
 def batch_size(inputs: dict[str, np.ndarray]) -> int:
     for v in inputs.values():

@@ -7,7 +7,9 @@ Standard library + numpy only, so the device agent runs the same code as the hos
   reference on the right); NaN in the same place on both sides is equal, NaN on one side
   only fails; +-inf must match exactly.
 * integers, bools, strings: exact agreement per row, except label flips that sit on a
-  probability tie (top-2 within TIE_GAP) of a [N, C] float output of the same model.
+  probability tie (top-2 within TIE_GAP) of a [N, C] float output of the same model; an
+  integer output given a tolerance of at least 1 (whole quantization steps) is compared as
+  numbers.
 * shapes must match; shapes that differ only by size-1 axes ([1, 2] vs [2]) hold the same
   values in the same order and pass, with a note.
 * outputs are paired by name, else by position; when that pairing fails, by value (each
@@ -158,6 +160,16 @@ def compare_arrays(ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
                                 note=f"shape {list(r.shape)} vs {list(c.shape)}")
         note = f"shape {list(r.shape)} vs {list(c.shape)} (same values after squeeze)"
         c = c.reshape(r.shape)
+
+    # quantized integer outputs given a tolerance of whole steps: compared as numbers
+    if (r.dtype.kind in "iu" and c.dtype.kind in "iu" and atol is not None and atol >= 1):
+        diff = np.abs(r.astype(np.int64) - c.astype(np.int64))
+        bad = diff > atol
+        return OutputParity(rn, cn, list(r.shape), r.dtype.name, not bad.any(),
+                            max_abs=float(diff.max()) if diff.size else 0.0,
+                            mean_abs=float(diff.mean()) if diff.size else 0.0,
+                            agreement=float((diff == 0).mean()) if diff.size else 1.0,
+                            violations=int(bad.sum()), note=note, atol=atol, rtol=0.0)
 
     # labels, ids, strings: exact agreement, with near-ties in a probability output forgiven
     if not _is_float(r) or not _is_float(c):

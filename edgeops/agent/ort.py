@@ -15,6 +15,7 @@ from pathlib import Path
 
 _PREFIX = re.compile(r"^(\w+: )?\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
 _LOAD = re.compile(r"Load model from .*? failed:\s*", re.S)
+_IN_NODE = re.compile(r'In Node, \("([^"]*)", ([\w.]+), "[^"]*", -?\d+\) : \(.*?\) -> \(.*?\) ?, Error ')
 _NODE_RUN = re.compile(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)'")
 
 
@@ -50,6 +51,7 @@ def describe(exc: BaseException, limit: int = 400) -> str:
     text = _LOAD.sub("", text)
     text = text.replace("This is an invalid model.", "").strip()
     text = " ".join(text.split())
+    text = _IN_NODE.sub(lambda m: f'node "{m.group(1)}" ({m.group(2)}): ', text)
     return text[:limit] + ("..." if len(text) > limit else "")
 
 

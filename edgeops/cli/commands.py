@@ -141,6 +141,24 @@ def _render_convert(report) -> None:
         t.add_row("end to end", "", "", "[green]passed[/]" if p.passed else "[red]FAILED[/]",
                   _fmt_num(p.max_abs), _fmt_num(p.min_cosine, ".6f"), "")
     out.print(t)
+    for h in report.hops:
+        info = h.info or {}
+        for step in info.get("normalised") or []:
+            out.print(f"  {_esc(h.target)}: normalised: {_esc(step)}")
+        for line in info.get("tolerances") or []:
+            out.print(f"  {_esc(h.target)}: tolerance: {_esc(line)}")
+        if info.get("outputs_renamed"):
+            out.print(f"  {_esc(h.target)}: outputs renamed to where their values are: " +
+                      _esc(", ".join(f"{a} -> {b}" for a, b in info["outputs_renamed"].items())))
+        if info.get("note"):
+            out.print(f"  {_esc(h.target)}: [yellow]{_esc(info['note'])}[/]")
+    if report.shapes_checked:
+        shown = "; ".join(
+            f"{c['what']} (" + ", ".join(f"{k} {v}" for k, v in c["shapes"].items()) + f"): {c['result']}"
+            for c in report.shapes_checked)
+        fixed = len(report.shapes_checked) == 1
+        out.print(f"  shapes checked: {_esc(shown)}" +
+                  (" (the result declares no other shape)" if fixed else ""))
     if report.status == "passed":
         out.print(f"[green]ok[/]: wrote {_esc(report.output)} ({_human_size(report.output_size)}), "
                   f"parity checked on {report.hops[0].parity.n_inputs} input(s) "

@@ -80,6 +80,9 @@ class _RichProgress:
 @click.option("--exclude", metavar="NODES", help="Comma-separated node names to keep in float.")
 @click.option("--fp32-io/--fp16-io", "keep_io_types", default=True, show_default=True,
               help="fp16: keep fp32 inputs and outputs.")
+@click.option("--keep-opset", is_flag=True,
+              help="Never raise the model's opset (by default opsets below 13 go to 13 when the "
+                   "result verifies: per-channel weights need it). Weights are per-tensor then.")
 @click.option("--prune", "ratio", type=float, metavar="RATIO",
               help="Prune this fraction of channels/neurons (structured) or weights (unstructured).")
 @click.option("--structured/--unstructured", default=True, show_default=True,
@@ -103,7 +106,7 @@ class _RichProgress:
 @shape_option
 @json_option
 def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, calib_method,
-             target, threads, require_speedup, op_types, exclude, keep_io_types, ratio,
+             target, threads, require_speedup, op_types, exclude, keep_io_types, keep_opset, ratio,
              structured, importance, keep, distill, distill_data, student, epochs, lr,
              temperature, batch_size, seed, shapes, as_json):
     """Quantize, prune or distill SRC, each result checked and measured.
@@ -145,12 +148,17 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
         metric=metric, max_drop=parse_drop(max_drop), calib_method=calib_method, target=target,
         threads=threads, require_speedup=require_speedup,
         op_types=_csv(op_types), exclude=_csv(exclude), keep_io_types=keep_io_types,
-        shapes=parse_shapes(shapes), progress=prog)
+        shapes=parse_shapes(shapes), keep_opset=keep_opset, progress=prog)
     if as_json:
         _json_print(report.to_dict())
     else:
         _render(report)
     sys.exit(EXIT_OK if report.passed else EXIT_VERIFY)
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -174,8 +182,8 @@ def _render(r) -> None:
                 "budget", "speed"):
         t.add_column(col, justify="left" if col in ("variant", "budget", "speed") else "right",
                      no_wrap=True)
-    t.add_row("fp32", _human_size(r.fp32["size"]), "1.00", f"{r.fp32['p50_ms']:.3f}", "1.00x",
-              _pct(r.metric_fp32), "", "", "", "baseline")
+    t.add_row("fp32" + (" *" if r.chosen == "fp32" else ""), _human_size(r.fp32["size"]), "1.00",
+              f"{r.fp32['p50_ms']:.3f}", "1.00x", _pct(r.metric_fp32), "", "", "", "baseline")
     for v in r.variants:
         if v.error:
             t.add_row(v.name, "", "", "", "", "", "", "", "[red]failed[/]", "(below)")
@@ -194,22 +202,37 @@ def _render(r) -> None:
     ch = r.variant(r.chosen)
     out.print(f"budget: max drop {_pct(r.max_drop)} of {r.metric}; calibration: "
               f"{_esc(r.calibration or 'none')}")
+    for what, d in (("calibration data", r.calibration_layout), ("eval data", r.eval_layout)):
+        if d:
+            out.print(f"{what}: {_esc(d)}")
     out.print(f"cpu: {r.cpu['arch']} {' '.join(r.cpu['features'])} ({_esc(r.cpu['source'])})")
     for why in r.settings["reasons"]:
         out.print(f"  - {_esc(why)}")
     shown = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
                       for k, v in ch.settings.items() if not isinstance(v, dict))
     out.print(f"chosen: {ch.name} ({_esc(shown)})")
-    if ch.fallback_nodes:
-        out.print(f"kept in float ({len(ch.fallback_nodes)}): {_esc(', '.join(ch.fallback_nodes))}")
+    repaired = sorted({x["node"] for x in ch.repaired})
+    accuracy = [n for n in ch.fallback_nodes if n not in repaired and n not in ch.speed_float]
+    if accuracy:
+        out.print(f"kept float for accuracy ({len(accuracy)}): {_esc(_names(accuracy))}")
+    if ch.speed_float:
+        out.print(f"kept float for speed ({len(ch.speed_float)} nodes of layers slower in int8 "
+                  f"on this CPU): {_esc(_names(ch.speed_float))}")
+    if repaired:
+        out.print(f"[yellow]kept float because the quantized form fails in onnxruntime "
+                  f"({len(repaired)})[/]: {_esc(_names(repaired))} -- "
+                  f"{_esc(ch.repaired[0]['reason'][:160])}")
+    for v in r.variants:
+        if v.speed_reason and v.verdict != "faster":
+            out.print(f"{v.name} measured: {_esc(v.speed_reason)}")
     w = ch.weights or {}
     if w.get("float_weight_tensors"):
         out.print(f"[yellow]{w['float_weight_tensors']} weight tensor(s), "
                   f"{w['float_compute_params']:,} params, stayed float[/] (largest: "
                   f"{_esc(w['float_weights'][0]['name'])} in {w['float_weights'][0]['op']})")
     for msg in r.warnings:
-        if "NOT FASTER" in msg or "SLOWER" in msg:
-            out.print(f"[bold yellow]{_esc(msg)}[/]")
+        if "NOT FASTER" in msg or "SLOWER" in msg or msg.startswith("auto:"):
+            out.print(f"[bold yellow]{_esc(msg.split(' -- measured:')[0])}[/]")
     if r.passed:
         out.print(f"[green]ok[/]: wrote {_esc(r.output)}")
     else:

@@ -150,6 +150,7 @@ class ConvertReport:
     output_size: int | None = None
     report_path: str | None = None
     message: str = ""
+    shapes_checked: list[dict] = field(default_factory=list)   # input shapes the result ran at
 
     @property
     def passed(self) -> bool:
@@ -165,7 +166,7 @@ class ConvertReport:
             "hops": [h.to_dict() for h in self.hops],
             "end_to_end": self.end_to_end.to_dict() if self.end_to_end else None,
             "output_sha256": self.output_sha256, "output_size": self.output_size,
-            "report_path": self.report_path,
+            "report_path": self.report_path, "shapes_checked": self.shapes_checked,
         }
 
 
@@ -181,10 +182,14 @@ def _runner(path: Path, fmt: str, opts: LoadOptions):
     return fmts.module_for(fmt).runner(path, fmt, opts)
 
 
-def _hop_parity(dst: Path, fmt: str, opts: LoadOptions, inputs, ref_out, atol, rtol, source):
-    """Verify one hop's output against the hop input's outputs (already computed)."""
+def _hop_parity(dst: Path, fmt: str, opts: LoadOptions, inputs, ref_out, atol, rtol, source,
+                tolerances: dict | None = None, literal: bool = False):
+    """Verify one hop's output against the hop input's outputs (already computed). LITERAL
+    runs the result with its format's reference kernels when it has them (a quantized
+    model's literal arithmetic, see verify.quantized_reference)."""
     try:
-        cand = _runner(dst, fmt, opts)
+        ref_runner = getattr(fmts.module_for(fmt), "reference_runner", None) if literal else None
+        cand = ref_runner(dst, fmt, opts) if ref_runner else _runner(dst, fmt, opts)
     except NotExecutableError as exc:
         return V.not_executed(exc.message), None
     try:
@@ -193,7 +198,7 @@ def _hop_parity(dst: Path, fmt: str, opts: LoadOptions, inputs, ref_out, atol, r
         raise
     except Exception as exc:
         return V.ParityReport("failed", atol, rtol, reason=f"converted model failed to run: {exc}"), None
-    rep = V.compare(ref_out, out, atol, rtol, V.batch_size(inputs), source)
+    rep = V.compare(ref_out, out, atol, rtol, V.batch_size(inputs), source, tolerances)
     return rep, out
 
 
@@ -253,6 +258,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
     say("route: " + " -> ".join(report.route))
     workdir = Path(tempfile.mkdtemp(prefix="edgeops-convert-"))
     hop_src, hop_sig = src, ref.signature
+    source_qtol: dict = {}
     try:
         for i, edge in enumerate(route):
             last = i == len(route) - 1
@@ -260,8 +266,16 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
             _remove(out_path)
             # keyed by this hop's input names (a previous hop may have renamed them)
             hop_feeds = V.adapt_feeds(feeds, hop_sig)
+            quant = None
+            if atol is None:            # a quantized hop input: its literal arithmetic, in steps
+                quant = V.quantized_reference(edge.source, hop_src, hop_feeds, ref_out, opts)
+            qtol = quant.tolerances if quant else {}
+            if quant and i == 0:
+                source_qtol.update(qtol)
+                first_out = quant.outputs   # end to end, too, against the literal arithmetic
+            hop_ref = quant.outputs if quant else ref_out
             ctx = ConvertContext(edge.source, edge.target, hop_sig, hop_feeds, workdir, opset,
-                                 precision, opts, dict(options or {}))
+                                 precision, opts, dict(options or {}), qtol)
             say(f"[{i + 1}/{len(route)}] {edge.source} -> {edge.target} ({edge.tool})")
             t0 = time.perf_counter()
             try:
@@ -276,8 +290,18 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
             seconds = time.perf_counter() - t0
             h_atol = atol if atol is not None else edge.atol
             h_rtol = rtol if rtol is not None else edge.rtol
-            parity, out = _hop_parity(out_path, edge.target, opts, feeds, ref_out,
-                                      h_atol, h_rtol, input_source)
+            if quant:
+                info["tolerances"] = quant.notes
+            parity, out = _hop_parity(out_path, edge.target, opts, feeds, hop_ref,
+                                      h_atol, h_rtol, input_source, qtol, literal=bool(quant))
+            if parity.status == "failed" and parity.permutation and edge.target == "onnx":
+                # the converter wrote the outputs under each other's names: put the names
+                # back where the values are, and verify again
+                renamed = _repair_output_names(out_path, parity.permutation)
+                info["outputs_renamed"] = renamed
+                say(f"      outputs were permuted ({parity.reason}); renamed and re-checked")
+                parity, out = _hop_parity(out_path, edge.target, opts, feeds, hop_ref,
+                                          h_atol, h_rtol, input_source, qtol, literal=bool(quant))
             report.hops.append(HopReport(edge.source, edge.target, edge.tool, str(out_path),
                                          round(seconds, 3), parity, info))
             say(f"      parity: {parity.summary()}")
@@ -292,7 +316,14 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
                 hop_sig = fmts.module_for(edge.target).signature(out_path, edge.target, opts)
             hop_src = out_path
         else:
-            report.status = _final_status(report, first_out, ref_out, atol, rtol, input_source)
+            report.status = _final_status(report, first_out, ref_out, atol, rtol, input_source,
+                                          source_qtol)
+            if report.status == "passed":
+                src_ref = ref
+                if source_qtol:              # quantized source: its literal arithmetic
+                    src_ref = fmts.module_for(src_info.id).reference_runner(src, src_info.id, opts)
+                _check_other_shapes(report, src_ref, feeds, dst, dst_info.id, opts, atol, rtol,
+                                    source_qtol, say)
     finally:
         if keep_intermediate:
             for h in report.hops[:-1]:
@@ -316,7 +347,8 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
     return report
 
 
-def _final_status(report: ConvertReport, first_out, last_out, atol, rtol, input_source) -> str:
+def _final_status(report: ConvertReport, first_out, last_out, atol, rtol, input_source,
+                  qtol: dict | None = None) -> str:
     """Status after all hops ran; multi-hop routes also get an end-to-end check of the
     final outputs against the source's, with the hops' tolerances added up."""
     last = report.hops[-1]
@@ -327,11 +359,73 @@ def _final_status(report: ConvertReport, first_out, last_out, atol, rtol, input_
         e2e_atol = atol if atol is not None else sum(_edge_of(h).atol for h in report.hops)
         e2e_rtol = rtol if rtol is not None else sum(_edge_of(h).rtol for h in report.hops)
         report.end_to_end = V.compare(first_out, last_out, e2e_atol, e2e_rtol,
-                                      last.parity.n_inputs, input_source)
+                                      last.parity.n_inputs, input_source, qtol)
         if not report.end_to_end.passed:
             report.message = f"end-to-end parity failed: {report.end_to_end.reason}"
             return "failed"
     return "passed"
+
+
+def _check_other_shapes(report: ConvertReport, ref, feeds, dst: Path, fmt: str, opts: LoadOptions,
+                        atol, rtol, qtol: dict, say) -> None:
+    """The result is checked against the source at every other shape its signature accepts
+    (convert.shapes.alternatives: batch 1 or 3, larger dynamic dims). A shape the source
+    itself refuses is noted and skipped; a shape the result claims but gets wrong fails the
+    conversion, so nothing is PASSED for shapes that were not run."""
+    from dataclasses import replace
+
+    from . import shapes as S
+
+    own = replace(opts, shapes={})         # the result's own declared dims, not the --shape given
+    try:
+        ref_runner = getattr(fmts.module_for(fmt), "reference_runner", None) if qtol else None
+        cand = ref_runner(dst, fmt, own) if ref_runner else _runner(dst, fmt, own)
+    except EdgeopsError:
+        return                              # not executable here: already reported as such
+    res_feeds = V.adapt_feeds(feeds, cand.signature)
+    tol_a = atol if atol is not None else sum(_edge_of(h).atol for h in report.hops)
+    tol_r = rtol if rtol is not None else sum(_edge_of(h).rtol for h in report.hops)
+    checked = [{"what": "as converted", "shapes": {k: list(np.shape(v)) for k, v in res_feeds.items()},
+                "result": "passed"}]
+    for label, alt in S.alternatives(cand.signature, res_feeds):
+        alt_feeds = S.reshape_feeds(res_feeds, alt)
+        entry = {"what": label, "shapes": {k: list(v) for k, v in alt.items()}}
+        try:
+            want = ref.run(V.adapt_feeds(alt_feeds, ref.signature))
+        except Exception as exc:  # noqa: BLE001
+            entry["result"] = f"skipped: the source fails there ({first_line(exc, 120)})"
+            checked.append(entry)
+            continue
+        try:
+            got = cand.run(V.adapt_feeds(alt_feeds, cand.signature))
+            rep = V.compare(want, got, tol_a, tol_r, V.batch_size(alt_feeds), "generated", qtol)
+            entry["result"] = "passed" if rep.passed else f"FAILED: {rep.reason}"
+        except Exception as exc:  # noqa: BLE001
+            entry["result"] = f"FAILED: the result does not run ({first_line(exc, 160)})"
+        checked.append(entry)
+        say(f"      at {label}: {entry['result']}")
+        if entry["result"].startswith("FAILED"):
+            report.status = "failed"
+            report.message = (f"the result declares {label} but gets it wrong: "
+                              f"{entry['result'][len('FAILED: '):]}")
+    report.shapes_checked = checked
+
+
+def _repair_output_names(path: Path, permutation: dict[str, str]) -> dict[str, str]:
+    """Rename the ONNX graph outputs so each carries the name of the source output whose
+    values it holds (PERMUTATION: source name -> the output holding its values now)."""
+    import onnx
+
+    from ..normalize import rename_tensor
+
+    model = onnx.load(str(path))
+    moves = {cand: want for want, cand in permutation.items() if cand != want}
+    for k, (old, _new) in enumerate(moves.items()):       # two phases: names may swap
+        rename_tensor(model, old, f"__edgeops_tmp{k}")
+    for k, (_old, new) in enumerate(moves.items()):
+        rename_tensor(model, f"__edgeops_tmp{k}", new)
+    onnx.save(model, str(path))
+    return moves
 
 
 def _edge_of(h: HopReport) -> Edge:
@@ -349,7 +443,8 @@ def _write_lineage(report: ConvertReport, src: Path, src_fmt: str) -> None:
         {"route": report.route, "status": report.status,
          "hops": [{"from": h.source, "to": h.target, "tool": h.tool,
                    "info": h.info, "parity": _parity_summary(h.parity)} for h in report.hops],
-         "end_to_end": _parity_summary(report.end_to_end) if report.end_to_end else None},
+         "end_to_end": _parity_summary(report.end_to_end) if report.end_to_end else None,
+         "shapes_checked": [{"what": c["what"], "result": c["result"]} for c in report.shapes_checked]},
         parent)
     if report.target_format == "onnx":
         lineage.write_onnx_lineage(report.output, record,

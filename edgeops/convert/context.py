@@ -23,3 +23,6 @@ class ConvertContext:
     precision: str = "fp32"             # Core ML compute precision: fp32 keeps parity
     load: LoadOptions = field(default_factory=LoadOptions)
     options: dict = field(default_factory=dict)  # free-form, e.g. {"minimum_deployment_target": "iOS15"}
+    # per-output (atol, rtol) the hop is held to when the source is quantized (verify.
+    # quantized_tolerances); converters that check their own result use the same
+    tolerances: dict = field(default_factory=dict)

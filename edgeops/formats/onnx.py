@@ -117,10 +117,12 @@ def signature(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) ->
 
 
 class OnnxRunner:
-    """onnxruntime CPU session behind the common Runner interface."""
+    """onnxruntime CPU session behind the common Runner interface. `optimization="disabled"`
+    runs the graph literally (no fusions): the reference semantics of a quantized graph, whose
+    fused int8 kernels round differently."""
 
-    def __init__(self, path: Path, threads: int | None = None):
-        self.session = load_session(path, threads)
+    def __init__(self, path: Path, threads: int | None = None, optimization: str = "all"):
+        self.session = load_session(path, threads, optimization)
         self.signature = signature(path)
         self._out_names = [o.name for o in self.session.get_outputs()]
 
@@ -129,13 +131,13 @@ class OnnxRunner:
         return dict(zip(self._out_names, outs))
 
 
-def load_session(path: Path, threads: int | None = None):
+def load_session(path: Path, threads: int | None = None, optimization: str = "all"):
     """An onnxruntime session for PATH; a model onnxruntime refuses is a FormatError that says
     why in one line (and names tensors that no graph defines, the usual cause)."""
     from ..agent.ort import describe, session
 
     try:
-        return session(path, threads)
+        return session(path, threads, optimization=optimization)
     except Exception as exc:
         why = describe(exc)
         try:
@@ -179,6 +181,46 @@ def undefined_inputs(model) -> list[tuple[str, str]]:
 
 def runner(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None, threads: int | None = None):
     return OnnxRunner(path, threads)
+
+
+def reference_runner(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None):
+    """The graph run literally (onnxruntime without graph optimisations)."""
+    return OnnxRunner(path, optimization="disabled")
+
+
+# ops that pass a tensor's values through: a DequantizeLinear before them still sets the step
+_VALUE_PASS = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Cast",
+               "Concat", "Slice", "Gather", "Split", "MaxPool", "Relu", "Clip"}
+_INT_OUT = {"QuantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul",
+            "QGemm", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool",
+            "QLinearGlobalAveragePool", "DynamicQuantizeLinear"}
+
+
+def quantization(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> dict[str, float]:
+    """For outputs computed by quantized arithmetic: the quantization step in the output's
+    units (a DequantizeLinear's scale, or 1 for an integer output of a quantized op). Empty
+    for float models."""
+    from onnx import numpy_helper
+
+    model = load(Path(path), external_data=False)
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {t.name: t for t in g.initializer}
+    out: dict[str, float] = {}
+    for o in g.output:
+        t, n = o.name, producers.get(o.name)
+        for _ in range(16):
+            if n is None or n.op_type not in _VALUE_PASS:
+                break
+            t = n.input[0]
+            n = producers.get(t)
+        if n is None:
+            continue
+        if n.op_type == "DequantizeLinear" and len(n.input) > 1 and n.input[1] in inits:
+            out[o.name] = float(np.max(np.abs(numpy_helper.to_array(inits[n.input[1]]))))
+        elif n.op_type in _INT_OUT:
+            out[o.name] = 1.0
+    return out
 
 
 # dtypes that hold weights; int64 tensors in a graph are shapes and indices, not weights

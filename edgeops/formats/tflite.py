@@ -58,10 +58,17 @@ def _interpreter_class():
         return tf.lite.Interpreter
 
 
-def load(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None, threads: int | None = None):
-    """A LiteRT (or tf.lite) Interpreter, tensors not yet allocated."""
+def load(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None, threads: int | None = None,
+         reference: bool = False):
+    """A LiteRT (or tf.lite) Interpreter, tensors not yet allocated; `reference` selects the
+    reference kernels (no XNNPack), the literal semantics of a quantized model."""
     cls = _interpreter_class()
     kwargs = {"num_threads": threads} if threads else {}
+    if reference:
+        mod = __import__(cls.__module__, fromlist=["OpResolverType"])
+        kind = getattr(mod, "OpResolverType", None)
+        if kind is not None:
+            kwargs["experimental_op_resolver_type"] = kind.BUILTIN_REF
     try:
         with warnings.catch_warnings():
             # tf.lite.Interpreter warns that it is deprecated in favour of ai_edge_litert
@@ -115,9 +122,9 @@ def signature(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None) 
 class TFLiteRunner:
     """LiteRT interpreter behind the common Runner interface."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, reference: bool = False):
         self.path = Path(path)
-        self.interp = load(path, threads=threads)
+        self.interp = load(path, threads=threads, reference=reference)
         self.key = _signature_key(self.interp)
         self.signature = _signature_of(self.interp, self.key)
         if self.key is not None:
@@ -165,6 +172,48 @@ class TFLiteRunner:
 def runner(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None,
            threads: int | None = None) -> TFLiteRunner:
     return TFLiteRunner(path, threads)
+
+
+def reference_runner(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None):
+    """LiteRT's reference kernels (no XNNPack, no optimised int8 kernels)."""
+    return TFLiteRunner(path, reference=True)
+
+
+def quantization(path: Path, fmt: str = "tflite", opts: LoadOptions | None = None) -> dict[str, float]:
+    """For outputs of quantized arithmetic: the step in the output's units (1 for an int8 /
+    uint8 output; the scale of the quantized tensor a DEQUANTIZE turns into a float output)."""
+    interp = load(path)
+    key = _signature_key(interp)
+    try:
+        interp.allocate_tensors()
+    except Exception:  # noqa: BLE001 - dynamic shapes: the runner resizes first; no steps then
+        return {}
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    produced = {}
+    try:
+        for op in interp._get_ops_details():          # noqa: SLF001 - the only op listing
+            for o in op["outputs"]:
+                produced[int(o)] = op
+    except Exception:  # noqa: BLE001
+        produced = {}
+    names = {}
+    if key is not None:            # signature output name -> tensor index
+        full = interp._get_full_signature_list()[key]["outputs"]     # noqa: SLF001
+        names = {int(idx): name for name, idx in full.items()}
+    out: dict[str, float] = {}
+    for d in interp.get_output_details():
+        name = names.get(int(d["index"]), _short(d["name"]))
+        scale = float(d["quantization"][0] or 0.0)
+        if scale > 0 and np.issubdtype(d["dtype"], np.integer):
+            out[name] = 1.0
+            continue
+        op = produced.get(int(d["index"]))
+        if op is not None and op["op_name"] == "DEQUANTIZE":
+            src = details.get(int(op["inputs"][0]))
+            s = float((src or {}).get("quantization", (0.0, 0))[0] or 0.0)
+            if s > 0:
+                out[name] = s
+    return out
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -475,30 +475,58 @@ def session(path: str | Path, threads: int):
     return ort_session(path, threads)
 
 
-_LOADS_OK: set[tuple[str, int, int]] = set()
+_LOADS_OK: set[tuple[str, int, int, str]] = set()
+
+_PROBE = """
+import sys
+import numpy as np, onnxruntime as ort
+try:
+    so = ort.SessionOptions(); so.log_severity_level = 3
+    s = ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])
+    if len(sys.argv) > 2:
+        with np.load(sys.argv[2], allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+        s.run(None, feeds)
+except Exception as e:
+    print('@probe-error ' + ' '.join((str(e) or type(e).__name__).split()), file=sys.stderr)
+    sys.exit(1)
+"""
 
 
-def probe_loads(path: str | Path, timeout: float = 300) -> None:
-    """Create an onnxruntime session for PATH in a child process first: some invalid graphs
-    crash session creation outright (a segfault, e.g. an fp16 LSTM), which would take this
-    process, and every other result, down with it."""
+def probe(path: str | Path, feeds: str | Path | None = None, timeout: float = 300) -> str | None:
+    """Create an onnxruntime session for PATH in a child process (and run the .npz FEEDS
+    through it, when given): some invalid graphs crash onnxruntime outright (a segfault, e.g.
+    an fp16 LSTM), which would take this process, and every other result, down with it.
+    Returns None when it loads (and runs), else why not, in one line."""
     import subprocess
     import sys
 
+    from ..agent.ort import describe
+
     st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-    if key in _LOADS_OK:        # this exact file already loaded (fp16 probes before evaluating)
-        return
-    code = ("import sys, onnxruntime as ort; so = ort.SessionOptions(); so.log_severity_level = 3; "
-            "ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])")
-    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                       timeout=timeout)
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size, str(feeds or ""))
+    if key in _LOADS_OK:        # this exact file already passed (fp16 probes before evaluating)
+        return None
+    args = [sys.executable, "-c", _PROBE, str(path)] + ([str(feeds)] if feeds else [])
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"onnxruntime did not load{' and run' if feeds else ''} it within {timeout:.0f} s"
     if r.returncode != 0:
-        tail = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
         if r.returncode < 0:
-            tail = f"onnxruntime crashed (signal {-r.returncode}) loading it"
-        raise RuntimeError(f"onnxruntime cannot load the result: {tail[:300]}")
+            return f"onnxruntime crashed (signal {-r.returncode}) {'running' if feeds else 'loading'} it"
+        lines = [ln[len("@probe-error "):] for ln in r.stderr.splitlines()
+                 if ln.startswith("@probe-error ")]
+        return describe(Exception(lines[-1] if lines else f"exit code {r.returncode}"), 2000)
     _LOADS_OK.add(key)
+    return None
+
+
+def probe_loads(path: str | Path, timeout: float = 300) -> None:
+    """`probe` that raises RuntimeError with the reason."""
+    why = probe(path, timeout=timeout)
+    if why:
+        raise RuntimeError(f"onnxruntime cannot load the result: {why}")
 
 
 def measure_interleaved(models: dict[str, str | Path], feeds: dict[str, np.ndarray], threads: int = 1,
@@ -542,3 +570,53 @@ def write_report(report, dst: Path, t_start: float) -> Path:
     report.report_path = str(path)
     path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return path
+
+
+def profile_nodes(path: str | Path, feeds: dict[str, np.ndarray], runs: int = 30,
+                  threads: int = 1) -> dict[str, dict]:
+    """Per-node time from onnxruntime's own profiler, averaged over RUNS after warm-up:
+    {node name: {"op": op type, "us": mean microseconds per run}}. Node names are those of the
+    optimized graph onnxruntime executes (fused nodes carry their fused names)."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgeops-prof-") as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "p")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(5):
+            sess.run(None, feeds)
+        start = time.perf_counter()
+        n = 0
+        while n < runs or (time.perf_counter() - start < 0.5 and n < 20 * runs):
+            sess.run(None, feeds)
+            n += 1
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+    out: dict[str, dict] = {}
+    for ev in trace:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        name = ev["name"][: -len("_kernel_time")]
+        rec = out.setdefault(name, {"op": ev.get("args", {}).get("op_name", "?"), "us": 0.0,
+                                    "calls": 0})
+        rec["us"] += float(ev.get("dur", 0))
+        rec["calls"] += 1
+    total_runs = n + 5
+    for rec in out.values():
+        rec["us"] = rec["us"] / total_runs
+        rec["calls"] = rec["calls"] / total_runs
+    return out
+
+
+def by_op(profile: dict[str, dict]) -> dict[str, float]:
+    """Microseconds per run by op type, largest first."""
+    acc: dict[str, float] = {}
+    for rec in profile.values():
+        acc[rec["op"]] = acc.get(rec["op"], 0.0) + rec["us"]
+    return dict(sorted(acc.items(), key=lambda kv: -kv[1]))

@@ -70,10 +70,12 @@ class Prepared:
 PER_CHANNEL_OPSET = 13      # DequantizeLinear/QuantizeLinear gained `axis` in opset 13
 
 
-def prepare(src: Path, workdir: Path, feeds_list: list[dict] | None = None) -> Prepared:
+def prepare(src: Path, workdir: Path, feeds_list: list[dict] | None = None,
+            keep_opset: bool = False) -> Prepared:
     """Normalise (names, initializers out of the inputs, float Constants to initializers),
     bring opsets below 13 up to 13 when onnx's converter manages it and onnxruntime gives the
-    same outputs on FEEDS_LIST, then onnxruntime's pre-processing. Every step is noted."""
+    same outputs on FEEDS_LIST (unless KEEP_OPSET: a device runtime may need the opset), then
+    onnxruntime's pre-processing. Every step is noted."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -95,7 +97,11 @@ def prepare(src: Path, workdir: Path, feeds_list: list[dict] | None = None) -> P
         notes.append(f"moved {moved} float Constant tensors to initializers")
     have = normalize.default_opset(model)
     per_channel = True
-    if have < PER_CHANNEL_OPSET:
+    if have < PER_CHANNEL_OPSET and keep_opset:
+        per_channel = False
+        notes.append(f"opset {have} kept (--keep-opset): weights per-tensor, since "
+                     f"DequantizeLinear has no axis before opset {PER_CHANNEL_OPSET}")
+    elif have < PER_CHANNEL_OPSET:
         up, why = normalize.convert_opset(model, PER_CHANNEL_OPSET, feeds_list or [])
         if up is not None:
             model = up
@@ -378,7 +384,8 @@ def rank_sensitivity(float_path: Path, quant_path: Path, batches: list[dict], wo
         for t in err:
             n = norm[t]
             floor = 1e-6 * float(np.mean(n)) + 1e-20
-            cmse[t] = float(np.mean(err[t] / (n + floor)))
+            v = float(np.mean(err[t] / (n + floor)))
+            cmse[t] = v if np.isfinite(v) else float("inf")    # NaN/inf: the worst error
     scored, rest = [], []
     for n in fm.graph.node:
         if n.name in skip or (candidates is not None and n.name not in candidates):
@@ -390,7 +397,9 @@ def rank_sensitivity(float_path: Path, quant_path: Path, batches: list[dict], wo
             rest.append(Sensitivity(n.name, None, group))
             continue
         ins = [cmse.get(i, 0.0) for i in n.input if i in cmse]
-        scored.append(Sensitivity(n.name, max(outs) - (max(ins) if ins else 0.0), group))
+        o, i = max(outs), (max(ins) if ins else 0.0)
+        added = 0.0 if o == i == float("inf") else o - i     # inf in: this node added nothing
+        scored.append(Sensitivity(n.name, added, group))
     scored.sort(key=lambda x: -x.score)
     return scored + rest
 
@@ -411,11 +420,12 @@ def quantized_nodes(float_model, quant_model) -> set[str]:
     return out
 
 
-def weight_only_int8(model) -> int:
+def weight_only_int8(model, per_channel: bool = True) -> int:
     """Store float MatMul/Gemm/Conv weights that live in, or are only used inside, If/Loop
     bodies as int8 + DequantizeLinear (symmetric, per output channel). The QDQ quantizer
     does not enter those bodies: this shrinks the file, the math stays float. Weights with
     a consumer in the main graph are left to the quantizer (and to the fallback list).
+    `per_channel=False` (opset < 13: DequantizeLinear has no axis) uses one scale per tensor.
     Returns how many tensors were converted."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -439,12 +449,17 @@ def weight_only_int8(model) -> int:
             if len(axes) != 1:
                 continue
             axis = axes.pop()
-            red = tuple(i for i in range(arr.ndim) if i != axis)
-            scale = (np.abs(arr).max(axis=red) / 127.0).astype(np.float32)
-            scale[scale == 0] = 1.0
-            shape = [1] * arr.ndim
-            shape[axis] = -1
-            q = np.clip(np.round(arr / scale.reshape(shape)), -127, 127).astype(np.int8)
+            if per_channel:
+                red = tuple(i for i in range(arr.ndim) if i != axis)
+                scale = (np.abs(arr).max(axis=red) / 127.0).astype(np.float32)
+                scale[scale == 0] = 1.0
+                shape = [1] * arr.ndim
+                shape[axis] = -1
+                q = np.clip(np.round(arr / scale.reshape(shape)), -127, 127).astype(np.int8)
+            else:
+                scale = np.float32(max(float(np.abs(arr).max()), 1e-30) / 127.0)
+                q = np.clip(np.round(arr / scale), -127, 127).astype(np.int8)
+                scale = np.asarray(scale, np.float32)
             w = t.name
             g.initializer.remove(t)
             g.initializer.extend([numpy_helper.from_array(q, f"{w}_int8"),
@@ -452,7 +467,7 @@ def weight_only_int8(model) -> int:
                                   numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{w}_int8_zp")])
             dq_nodes.append(helper.make_node(
                 "DequantizeLinear", [f"{w}_int8", f"{w}_int8_scale", f"{w}_int8_zp"], [w],
-                name=f"{w}_weight_dq", axis=axis))
+                name=f"{w}_weight_dq", **({"axis": axis} if per_channel else {})))
             done += 1
         if dq_nodes:            # inputs are initializers only: first in the graph is in order
             rest = list(g.node)

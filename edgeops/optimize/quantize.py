@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -101,6 +102,11 @@ class Variant:
     verdict: str | None = None
     weights: dict | None = None
     error: str | None = None
+    # nodes kept float because their quantized form failed to load or run: {node, reason}
+    repaired: list[dict] = field(default_factory=list)
+    # nodes kept float because their layer measured slower in int8 here, and the measured reason
+    speed_float: list[str] = field(default_factory=list)
+    speed_reason: str | None = None
 
 
 @dataclass
@@ -127,8 +133,14 @@ class QuantizeReport:
     rejected_output: str | None = None
     report_path: str | None = None
     seconds: float = 0.0
+    calibration_layout: str | None = None     # how the data was read (gates.Dataset.description)
+    eval_layout: str | None = None
 
     def variant(self, name: str) -> Variant:
+        if name == "fp32":
+            return Variant("fp32", {"kept": "the source model, unchanged"}, metric=self.metric_fp32,
+                           drop=0.0, within_budget=True, size=self.fp32["size"],
+                           p50_ms=self.fp32["p50_ms"], speedup=1.0, verdict="baseline")
         return next(v for v in self.variants if v.name == name)
 
     def to_dict(self) -> dict:
@@ -200,7 +212,7 @@ def build_static(pre: Path, out: Path, s: isa.QuantSettings, method: str, calib:
     if any(depth for _, depth in graph.all_graphs(main.graph)):
         # the QDQ quantizer does not enter If/Loop bodies; their float MatMul/Gemm/Conv
         # weights are stored int8 with a DequantizeLinear (weight-only: smaller, float math)
-        graph.weight_only_int8(main)
+        graph.weight_only_int8(main, s.per_channel)
         onnx.save(main, str(out))
         tmp.unlink()
     else:
@@ -268,6 +280,118 @@ def build_fp16(pre: Path, out: Path, keep_io_types: bool, exclude: list[str]) ->
         blocked += FP16_SHAPE_OPS
         build()
     return out
+
+
+# ----------------------------------------------------------------------------- load + run check
+
+MAX_REPAIRS = 8
+_QUOTED = re.compile(r"""["']([^"']+)["']""")
+_PATTERN = re.compile(r"""["'][^"']*["']|\d+""")     # an error message without its names
+_QDQ_SUFFIXES = ("_DequantizeLinear_Output", "_DequantizeLinear", "_QuantizeLinear_Output",
+                 "_QuantizeLinear", "_quantized", "_scale", "_zero_point")
+
+
+class _Checked:
+    """A variant builder whose every result is loaded and run on one feed in a child process
+    before anything uses it. When onnxruntime refuses the result, the nodes it names (mapped
+    back from Q/DQ names to the float nodes around the tensor) stay float; when it names none,
+    the first quantized node that breaks it is found by bisection. Each node kept float this
+    way is recorded with the reason (`repairs`), and the rest of the model stays quantized."""
+
+    def __init__(self, build: Callable[[list[str], Path], Path], pre_model, feed: Path,
+                 work: Path, repairs: list[dict], prog: Progress, label: str):
+        self.build, self.pre, self.feed, self.work = build, pre_model, feed, work
+        self.repairs, self.prog, self.label = repairs, prog, label
+        self.nodes = [n.name for n in pre_model.graph.node]
+        self.op_type = {n.name: n.op_type for n in pre_model.graph.node}
+        self.producer = {o: n.name for n in pre_model.graph.node for o in n.output}
+        self.consumers: dict[str, list[str]] = {}
+        for n in pre_model.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n.name)
+
+    def __call__(self, exclude: list[str], out: Path) -> Path:
+        seen: dict[str, int] = {}
+        for _ in range(MAX_REPAIRS + 1):
+            kept = [r["node"] for r in self.repairs]
+            self.build(exclude + [k for k in kept if k not in exclude], out)
+            why = gates.probe(out, self.feed)
+            if why is None:
+                return out
+            excluded = set(exclude) | set(kept)
+            culprits = self._named(why, out, excluded) or self._bisect(sorted(excluded), out)
+            if not culprits:
+                raise ConversionError(f"{self.label}: onnxruntime cannot use the result, and no "
+                                      f"node could be singled out: {why[:300]}")
+            # the same failure again on another node is a pattern: every node of those op
+            # types goes float in one step instead of one build per node
+            pattern = _PATTERN.sub("#", why)
+            seen[pattern] = seen.get(pattern, 0) + 1
+            if seen[pattern] >= 2:
+                ops = {self.op_type[c] for c in culprits}
+                culprits += [n for n in self.nodes if self.op_type[n] in ops
+                             and n not in excluded and n not in culprits]
+            for c in culprits:
+                self.repairs.append({"node": c, "reason": why[:300]})
+            shown = ", ".join(culprits[:5]) + (f" and {len(culprits) - 5} more" if len(culprits) > 5 else "")
+            self.prog.warn(f"{self.label}: keeping {shown} in float: the quantized form fails in "
+                           f"onnxruntime ({why[:160]})")
+        raise ConversionError(f"{self.label}: still failing after {MAX_REPAIRS} repairs "
+                              f"({len(self.repairs)} nodes kept float): {self.repairs[-1]['reason']}")
+
+    def _float_nodes(self, tensor: str) -> list[str]:
+        for suf in _QDQ_SUFFIXES:
+            if tensor.endswith(suf):
+                tensor = tensor[:-len(suf)]
+                break
+        names = [self.producer[tensor]] if tensor in self.producer else []
+        return names + self.consumers.get(tensor, [])
+
+    def _named(self, why: str, out: Path, excluded: set[str]) -> list[str]:
+        """Float nodes behind the names in onnxruntime's message."""
+        import onnx
+
+        from ..agent.ort import failing_node
+
+        qm = onnx.load(str(out), load_external_data=False)
+        q_nodes = {n.name: n for n in qm.graph.node}
+        names = [m.group(1) for m in _QUOTED.finditer(why)]
+        hit = failing_node(Exception(why))
+        if hit:
+            names.insert(0, hit[1])
+        found: list[str] = []
+        for x in names:
+            if x in self.nodes:
+                cands = [x]
+            elif x in q_nodes:
+                qn = q_nodes[x]
+                cands = [c for t in list(qn.input) + list(qn.output) for c in self._float_nodes(t)]
+            else:
+                cands = self._float_nodes(x)
+            for c in cands:
+                if c not in found and c not in excluded:
+                    found.append(c)
+        return found
+
+    def _bisect(self, excluded: list[str], out: Path) -> list[str]:
+        """The first node (graph order) whose quantization breaks the model: quantizing only a
+        prefix of the nodes, find the shortest prefix that fails."""
+        cands = [n for n in self.nodes if n not in excluded]
+        probe_path = self.work / f"{out.stem}.bisect.onnx"
+        if not cands:
+            return []
+        self.build(excluded + cands, probe_path)
+        if gates.probe(probe_path, self.feed) is not None:
+            return []                     # fails with nothing quantized: not a node's fault
+        lo, hi = 0, len(cands)            # cands[:lo] works (nothing quantized), cands[:hi] fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            self.build(excluded + cands[mid:], probe_path)
+            if gates.probe(probe_path, self.feed) is None:
+                lo = mid
+            else:
+                hi = mid
+        return [cands[hi - 1]]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -428,7 +552,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
              require_speedup: bool = False, op_types: list[str] | None = None,
              exclude: list[str] | None = None, keep_io_types: bool = True,
              shapes: dict[str, tuple[int, ...]] | None = None, measure_seconds: float = 3.0,
-             progress: Progress | None = None) -> QuantizeReport:
+             keep_opset: bool = False, progress: Progress | None = None) -> QuantizeReport:
     from .. import lineage
     from ..formats import onnx as onnx_fmt
     from ..formats.base import sha256_path
@@ -498,10 +622,12 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
     work = Path(tempfile.mkdtemp(prefix="edgeops-quant-"))
     try:
         prog.say("pre-processing (normalisation, shape inference, graph optimization)")
-        prep = graph.prepare(src, work, (calib or data).small(2, 1))
+        prep = graph.prepare(src, work, (calib or data).small(2, 1), keep_opset=keep_opset)
         pre = prep.path
         if not prep.per_channel and settings.per_channel:
             settings.per_channel = False
+            settings.reasons = [r.replace("weights int8 per-channel", "weights int8 per-tensor")
+                                for r in settings.reasons]
             settings.reasons.append(f"weights per-tensor: the model stays at opset {prep.opset} "
                                     "(see pre-processing)")
 
@@ -526,6 +652,10 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
 
         import onnx
         pre_model = onnx.load(str(pre))
+        import numpy as np
+
+        probe_feed = work / "probe_feed.npz"      # every result must load AND run on this
+        np.savez(probe_feed, **data.one())
 
         def cands(qpath: Path) -> set[str]:
             return graph.quantized_nodes(pre_model, onnx.load(str(qpath)))
@@ -542,7 +672,7 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
             try:
                 _run_variant(v, pre, work, settings, calib, calib_method, user_exclude,
                              keep_io_types, evaluate, metric_fp32, max_drop, sens_batches, cands,
-                             prog)
+                             prog, pre_model, probe_feed, threads)
             except EdgeopsError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one failed variant must not hide the others
@@ -584,23 +714,41 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
 
         # ---- choose
         ok = [v for v in built if v.within_budget]
+        keep_note = None
         if mode == "auto":
             fast = [v for v in ok if v.verdict == "faster"]
-            pool = fast or ok
-            chosen = max(pool, key=lambda v: v.speedup) if pool else max(built, key=lambda v: v.metric)
+            even = [v for v in ok if v.verdict == "not faster"]
+            if fast:
+                chosen = max(fast, key=lambda v: v.speedup)
+            elif even:                   # nothing faster: the smallest that is not slower
+                chosen = min(even, key=lambda v: v.size)
+                keep_note = (f"auto: no variant measured faster than fp32 here; kept "
+                             f"{chosen.name}, the smallest that is not slower")
+            elif ok:                     # everything within budget is slower: keep fp32
+                chosen = _fp32_variant(src, metric_fp32, fp32_t)
+                keep_note = ("auto: every variant within budget measured SLOWER than fp32 here "
+                             "(" + ", ".join(f"{v.name} {v.speedup:.2f}x" for v in ok) +
+                             "); kept the fp32 model")
+            else:
+                chosen = max(built, key=lambda v: v.metric)
         else:
             chosen = built[0]
+        if keep_note:
+            why = [f"{v.name}: {v.speed_reason}" for v in ok if v.speed_reason]
+            warnings.append(keep_note + (" -- measured: " + " | ".join(why) if why else ""))
         failure = None
         if not chosen.within_budget:
             failure = (f"accuracy budget not met: best {chosen.name} drops "
                        f"{100 * chosen.drop:.2f} points ({metric_name} {metric_fp32:.4f} -> "
                        f"{chosen.metric:.4f}), budget {100 * max_drop:.2f}")
         elif require_speedup and chosen.verdict != "faster":
-            failure = (f"--require-speedup: {chosen.name} is {chosen.verdict} than fp32 "
+            failure = (f"--require-speedup: {chosen.name} is "
+                       f"{'the fp32 model (nothing was faster)' if chosen.name == 'fp32' else chosen.verdict + ' than fp32'} "
                        f"({chosen.speedup:.2f}x; needs >= {gates.FASTER_THRESHOLD:.2f}x)")
-        if chosen.verdict != "faster" and not failure:
+        if chosen.verdict not in ("faster", "baseline") and not failure:
             warnings.append(f"{chosen.name} is {chosen.verdict.upper()} than fp32 on this CPU "
-                            f"({chosen.speedup:.2f}x): it saves size, not time")
+                            f"({chosen.speedup:.2f}x): it saves size, not time"
+                            + (f" (measured: {chosen.speed_reason})" if chosen.speed_reason else ""))
 
         report = QuantizeReport(
             source=str(src), output=None, mode=mode, metric=metric_name, metric_fp32=metric_fp32,
@@ -611,13 +759,15 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
             fp32={"size": onnx_fmt.total_size(src), "p50_ms": fp32_t.p50_ms, "p90_ms": fp32_t.p90_ms,
                   "runs": fp32_t.runs, "metric": metric_fp32, "weights": src_stats.to_dict()},
             variants=variants, chosen=chosen.name, passed=failure is None, failure=failure,
-            warnings=warnings)
+            warnings=warnings, calibration_layout=calib.description if calib else None,
+            eval_layout=data.description)
 
         # ---- write
         final = dst if failure is None else dst.with_name(dst.stem + ".rejected.onnx")
         final.parent.mkdir(parents=True, exist_ok=True)
         out_model = onnx.load(chosen.path)
-        graph.drop_unused_opsets(out_model)
+        if chosen.name != "fp32":
+            graph.drop_unused_opsets(out_model)
         onnx.save(out_model, str(final))
         for v in variants:
             v.path = None       # temp paths mean nothing after this call
@@ -645,6 +795,15 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _fp32_variant(src: Path, metric_fp32: float, t: gates.Timing) -> Variant:
+    """auto's answer when every variant is slower: the source model itself."""
+    from ..formats.onnx import total_size
+
+    return Variant("fp32", {"kept": "the source model, unchanged"}, path=str(src),
+                   metric=metric_fp32, drop=0.0, within_budget=True, size=total_size(src),
+                   p50_ms=t.p50_ms, p90_ms=t.p90_ms, runs=t.runs, speedup=1.0, verdict="baseline")
+
+
 def _small_batches(data: gates.Dataset, limit: int) -> list[dict]:
     """Sensitivity ranking keeps every intermediate tensor: small batches bound memory."""
     return data.small(limit, SENS_BATCH)
@@ -653,13 +812,19 @@ def _small_batches(data: gates.Dataset, limit: int) -> list[dict]:
 def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
                  calib: gates.Dataset | None, calib_method: str, user_exclude: list[str], keep_io_types: bool, evaluate: _Evaluator,
                  metric_fp32: float, max_drop: float, sens_batches: list[dict],
-                 cands: Callable[[Path], set[str]], prog: Progress) -> None:
+                 cands: Callable[[Path], set[str]], prog: Progress, pre_model, feed: Path,
+                 threads: int = 1) -> None:
+    def checked(raw: Callable[[list[str], Path], Path], label: str) -> _Checked:
+        return _Checked(raw, pre_model, feed, work, v.repaired, prog, label)
+
     if v.name == "static":
         methods = list(CALIB_METHODS) if calib_method == "auto" else [calib_method]
         scores, probes = {}, {}
         for m in methods:           # calibration method: best metric with no fallback
             out = work / f"static-{m}.probe.onnx"
-            build_static(pre, out, s, m, calib, work / f"calib-{m}.json", user_exclude, prog)
+            raw = (lambda ex, o, m=m: build_static(pre, o, s, m, calib, work / f"calib-{m}.json",
+                                                   ex, prog))
+            checked(raw, f"static ({m})")(user_exclude, out)
             scores[m] = evaluate(out, f"static ({m})")
             probes[m] = out
         method = max(methods, key=lambda m: (scores[m], -methods.index(m)))
@@ -667,18 +832,76 @@ def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
                       "weight_type": s.weight_type, "per_channel": s.per_channel,
                       "reduce_range": s.reduce_range, "calibration_method": method,
                       "calibration_scores": {m: round(x, 6) for m, x in scores.items()}}
-        build = lambda ex, out: build_static(pre, out, s, method, calib,  # noqa: E731
-                                             work / f"calib-{method}.json", ex, prog)
+        build = checked(lambda ex, out: build_static(pre, out, s, method, calib,
+                                                     work / f"calib-{method}.json", ex, prog),
+                        "static")
     elif v.name == "dynamic":
         ops = s.dynamic_op_types          # --op-types, when given, is already in here
         v.settings = {"weight_type": "int8", "per_channel": False, "reduce_range": s.reduce_range,
                       "op_types": list(ops)}
-        build = lambda ex, out: build_dynamic(pre, out, s, ops, ex)  # noqa: E731
+        build = checked(lambda ex, out: build_dynamic(pre, out, s, ops, ex), "dynamic")
     else:
         v.settings = {"keep_io_types": keep_io_types, "via": "onnxconverter-common float16"}
-        build = lambda ex, out: build_fp16(pre, out, keep_io_types, ex)  # noqa: E731
+        build = checked(lambda ex, out: build_fp16(pre, out, keep_io_types, ex), "fp16")
     first = (probes[method], scores[method]) if v.name == "static" else None
     fp16 = v.name == "fp16"
     _budget_search(v.name, build, evaluate, metric_fp32, max_drop, pre, sens_batches, work,
                    (lambda p: None) if fp16 else cands, user_exclude, prog, v,
                    first, shared_activations=v.name == "static")
+    if v.name in ("static", "dynamic") and v.path:
+        _speed_select(v, build, evaluate, metric_fp32, max_drop, pre, work, user_exclude,
+                      cands, feed_of(feed), threads, prog)
+
+
+def feed_of(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+SPEED_ROUNDS = 2
+SPEED_MARGIN = 1.03         # a rebuilt variant replaces the previous one only if this much faster
+
+
+def _speed_select(v: Variant, build, evaluate: _Evaluator, metric_fp32: float, max_drop: float,
+                  pre: Path, work: Path, user_exclude: list[str], cands, feeds: dict,
+                  threads: int, prog: Progress) -> None:
+    """Keep float the layers that are slower in int8 on this CPU (speed.compare: per-node
+    profiles of the float and the quantized graph), rebuild, and keep the rebuild only if it
+    stays within budget and measures faster end to end. The last comparison's one-line
+    reason goes into the report either way."""
+    from . import speed
+
+    for rnd in range(SPEED_ROUNDS):
+        prog.say(f"{v.name}: profiling float and int8 per node (which layers gain)")
+        cmp = speed.compare(pre, Path(v.path), feeds, threads)
+        v.speed_reason = cmp.reason()
+        quantized = cands(Path(v.path)) or set()
+        losing = [g for g in cmp.losing() if g.node in quantized]
+        if not losing:
+            return
+        extra = [m for g in losing for m in g.members if m not in v.fallback_nodes]
+        fallback = list(v.fallback_nodes) + extra
+        out = work / f"{v.name}.speed{rnd + 1}.onnx"
+        try:
+            build(user_exclude + fallback, out)
+            m = evaluate(out, f"{v.name} (speed round {rnd + 1})")
+        except EdgeopsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the variant already built stands
+            prog.warn(f"{v.name}: speed round {rnd + 1} failed ({first_line(exc)}); keeping "
+                      "the previous build")
+            return
+        if not _within(metric_fp32, m, max_drop):
+            return
+        t = gates.measure_interleaved({"before": v.path, "after": out}, feeds, threads=threads,
+                                      seconds=1.0)
+        if t.speedup("after") < SPEED_MARGIN:
+            prog.say(f"{v.name}: keeping {len(losing)} slower layers float did not measure "
+                     f"faster ({t.speedup('after'):.2f}x); kept the previous build")
+            return
+        prog.say(f"{v.name}: {len(losing)} layers that are slower in int8 on this CPU stay "
+                 f"float ({t.speedup('after'):.2f}x faster)")
+        v.speed_float.extend(extra)
+        _set(v, out, m, metric_fp32, max_drop, fallback)
