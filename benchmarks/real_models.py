@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 
 from edgeops import corpus
 from edgeops.optimize import gates
@@ -87,7 +88,7 @@ def edgeops_mode(mode: str):
         from edgeops.optimize.quantize import quantize
 
         r = quantize(src, out, mode, calibration=d / "calib.npz", eval_data=d / "eval.npz",
-                     max_drop=BUDGET, measure_seconds=1.0, calib_method="minmax")
+                     max_drop=BUDGET, measure_seconds=1.0)
         path = Path(r.output or r.rejected_output)
         return path, {"chosen": r.chosen, "passed": r.passed, "failure": r.failure,
                       "fallback": len(r.variant(r.chosen).fallback_nodes) if r.chosen != "fp32" else 0,
@@ -153,13 +154,19 @@ def quant_model(m: corpus.CorpusModel, work: Path, seconds: float) -> dict:
 
 
 def conv_models(models: list[corpus.CorpusModel]) -> set[str]:
-    """Models where Conv carries the work (the int8 latency target is about them)."""
-    import onnx
+    """Models where convolutions carry at least half the FLOPs (edgeops' own per-node count,
+    bench.estimate.analyze, at the manifest feed's shapes): the int8 latency target's set."""
+    from edgeops.bench import estimate
 
     out = set()
     for m in models:
-        ops = [n.op_type for n in onnx.load(str(m.path), load_external_data=False).graph.node]
-        if ops.count("Conv") >= 3 and not {"LSTM", "GRU"} & set(ops):
+        a = estimate.analyze(str(m.path), m.shapes)
+        flops = {}
+        for n in a.nodes:
+            if n.status == "run":
+                flops[n.op_class] = flops.get(n.op_class, 0) + n.flops * n.count
+        total = sum(flops.values())
+        if total and (flops.get("conv", 0) + flops.get("depthwise", 0)) / total >= 0.5:
             out.add(m.name)
     return out
 
@@ -239,6 +246,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="timing seconds per variant")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    onnxruntime.set_default_logger_severity(3)     # the baselines' sessions: no warning spam
     only = set(args.only.split(",")) if args.only else None
     sections = set(args.sections.split(","))
     work = Path(tempfile.mkdtemp(prefix="edgeops-realbench-"))

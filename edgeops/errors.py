@@ -17,11 +17,20 @@ EXIT_INPUT = 2
 EXIT_ENV = 3
 
 
+_GENERIC = ("Exception encountered when calling", "in user code:", "Traceback")
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's text (or its type name), for one-line errors that
-    wrap a framework's multi-page message."""
+    wrap a framework's multi-page message. A generic header line (Keras' "Exception
+    encountered when calling layer ...") is joined with the next line that says what."""
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:limit]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith(_GENERIC):
+        detail = next((ln for ln in lines[1:] if not ln.startswith(("File ", "Arguments", "•", "Call arguments"))
+                       and not ln.startswith(_GENERIC)), "")
+        return f"{lines[0]} {detail}".strip()[:limit]
+    return lines[0][:limit]
 
 
 class EdgeopsError(Exception):

@@ -65,7 +65,10 @@ def test_static_cnn_within_budget_smaller_and_with_lineage(cnn_setup, work):
     assert abs(_accuracy(out, ev) - v.metric) < 1e-9
     assert v.drop <= 0.01
     assert v.size < 0.35 * r.fp32["size"]
-    assert v.weights["float_weight_tensors"] == 0         # every Conv/Gemm weight is int8
+    # every Conv/Gemm weight is int8, except layers measured slower in int8 on this CPU
+    # (kept float on purpose, and listed)
+    assert v.weights["float_weight_tensors"] <= len(v.speed_float) and not v.repaired
+    assert v.speed_float == [] or v.speed_reason
     assert set(v.settings["calibration_scores"]) == {"minmax", "entropy", "percentile"}
     lin = read_onnx_lineage(out)
     assert lin["step"] == "optimize.quantize" and lin["quantize"]["variant"] == "static"
@@ -84,8 +87,9 @@ def test_planted_sensitive_layer_falls_back_to_float(mlp_data, work):
     v = r.variant("static")
     assert v.attempts[0]["drop"] > 0.3                    # the plant really breaks plain int8
     assert r.passed and v.drop <= 0.01
-    assert "fc2/MatMulAddFusion" in v.fallback_nodes and "fc3/MatMulAddFusion" in v.fallback_nodes
-    assert "fc1/MatMulAddFusion" not in v.fallback_nodes  # the healthy layer stays int8
+    for_accuracy = [n for n in v.fallback_nodes if n not in v.speed_float]
+    assert "fc2/MatMulAddFusion" in for_accuracy and "fc3/MatMulAddFusion" in for_accuracy
+    assert "fc1/MatMulAddFusion" not in for_accuracy      # the healthy layer is not blamed
     assert graph.quantized_op_count(onnx.load(str(out))) > 0
     assert abs(_accuracy(out, ev) - v.metric) < 1e-9
 

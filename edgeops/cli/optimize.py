@@ -64,8 +64,9 @@ class _RichProgress:
 @click.option("--metric", type=click.Choice(["auto", "accuracy", "agreement", "cosine"]),
               default="auto", show_default=True,
               help="accuracy needs --labels; agreement/cosine compare with the fp32 model.")
-@click.option("--max-drop", default="1%", show_default=True, metavar="PCT",
-              help="Accuracy budget: largest allowed metric drop, e.g. 0.5% (points) or 0.005.")
+@click.option("--max-drop", default=None, metavar="PCT",
+              help="Accuracy budget: largest allowed metric drop, e.g. 0.5% (points) or 0.005. "
+                   "--quantize: default 1%; --prune/--distill: checked only when given.")
 @click.option("--calib-method", type=click.Choice(["auto", "minmax", "entropy", "percentile"]),
               default="auto", show_default=True, help="Calibration; auto tries all three.")
 @click.option("--target", metavar="PROFILE",
@@ -133,19 +134,28 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
     if mode is None:
         from ..optimize.prune import run
 
+        _refuse_for_prune(calibration=calibration, calib_method=calib_method, target=target,
+                          op_types=op_types, exclude=exclude, keep_io_types=keep_io_types,
+                          keep_opset=keep_opset)
         rep = run(src, dst, ratio=ratio, structured=structured, importance=importance,
                   keep=list(keep), distill=distill, data=distill_data, student=student,
                   epochs=epochs, lr=lr, temperature=temperature, batch_size=batch_size,
                   seed=seed, eval_data=eval_data, labels=labels, metric=metric,
-                  threads=threads, shapes=parse_shapes(shapes), progress=prog)
+                  threads=threads, shapes=parse_shapes(shapes),
+                  max_drop=parse_drop(max_drop) if max_drop is not None else None,
+                  require_speedup=require_speedup, progress=prog)
         if as_json:
             _json_print(rep.to_dict())
         else:
             _render_prune(rep)
-        sys.exit(EXIT_OK)
+        sys.exit(EXIT_OK if rep.passed else EXIT_VERIFY)
+    _refuse_for_quantize(ratio=ratio, structured=structured, importance=importance, keep=keep,
+                         distill_data=distill_data, student=student, epochs=epochs, lr=lr,
+                         temperature=temperature, batch_size=batch_size, seed=seed)
     report = quantize(
         src, dst, mode, calibration=calibration, eval_data=eval_data, labels=labels,
-        metric=metric, max_drop=parse_drop(max_drop), calib_method=calib_method, target=target,
+        metric=metric, max_drop=parse_drop(max_drop if max_drop is not None else "1%"),
+        calib_method=calib_method, target=target,
         threads=threads, require_speedup=require_speedup,
         op_types=_csv(op_types), exclude=_csv(exclude), keep_io_types=keep_io_types,
         shapes=parse_shapes(shapes), keep_opset=keep_opset, progress=prog)
@@ -154,6 +164,30 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
     else:
         _render(report)
     sys.exit(EXIT_OK if report.passed else EXIT_VERIFY)
+
+
+def _refuse_for_prune(**given) -> None:
+    """Options of --quantize that --prune/--distill would otherwise silently ignore."""
+    defaults = {"calibration": None, "calib_method": "auto", "target": None, "op_types": None,
+                "exclude": None, "keep_io_types": True, "keep_opset": False}
+    used = [k for k, v in given.items() if v != defaults[k]]
+    if used:
+        flags = ", ".join("--" + k.replace("_", "-").replace("keep-io-types", "fp16-io") for k in used)
+        raise UsageError(f"{flags}: only for --quantize; --prune/--distill do not use "
+                         f"{'it' if len(used) == 1 else 'them'}")
+
+
+def _refuse_for_quantize(**given) -> None:
+    """Options of --prune/--distill that --quantize would otherwise silently ignore."""
+    defaults = {"ratio": None, "structured": True, "importance": "l1", "keep": (),
+                "distill_data": None, "student": "pruned", "epochs": 10, "lr": 1e-3,
+                "temperature": 4.0, "batch_size": 64, "seed": 0}
+    used = [k for k, v in given.items() if v != defaults[k] and not (k == "keep" and not v)]
+    if used:
+        names = {"structured": "unstructured", "distill_data": "data", "batch_size": "batch-size"}
+        flags = ", ".join("--" + names.get(k, k) for k in used)
+        raise UsageError(f"{flags}: only for --prune/--distill; --quantize does not use "
+                         f"{'it' if len(used) == 1 else 'them'}")
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -286,7 +320,13 @@ def _render_prune(r) -> None:
         out.print(f"note: {_esc(n)}")
     for w in r.warnings:
         out.print(f"[bold yellow]{_esc(w)}[/]")
-    out.print(f"[green]ok[/]: wrote {_esc(r.output)} (verified: runs, same signature)")
+    if r.max_drop is not None:
+        out.print(f"budget: max drop {_pct(r.max_drop)} of {r.metric}")
+    if r.passed:
+        out.print(f"[green]ok[/]: wrote {_esc(r.output)} (verified: runs, same signature)")
+    else:
+        out.print(f"[bold red]FAILED[/]: {_esc(r.failure)}")
+        out.print(f"best attempt (do not ship): {_esc(r.rejected_output)}")
     out.print(f"report: {_esc(r.report_path)}")
 
 

@@ -71,13 +71,17 @@ def registry():
 @click.option("--tag", "tags", multiple=True, metavar="TAG", help="A tag or KEY=VALUE (repeatable).")
 @click.option("--data", "data", multiple=True, type=click.Path(path_type=Path), metavar="FILE",
               help="Data the model was trained or evaluated on: its sha256 is recorded (repeatable).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Register a pickle that reaches globals outside the allow-list (it runs code "
+                   "when loaded); the choice is recorded with the version.")
 @json_option
-def add(model, name, version, metrics, tags, data, as_json):
+def add(model, name, version, metrics, tags, data, trust_pickle, as_json):
     """Register MODEL (a file or folder) under NAME, with its files, lineage, code version
-    and environment. The same content added again under NAME changes nothing."""
+    and environment. The same content added again under NAME changes nothing. Pickles go
+    through the same allow-list check as loading them."""
     with _open() as reg:
         res = reg.add(model, name, version=version, metrics=_kv(metrics, "--metric"),
-                      tags=list(tags), data=list(data))
+                      tags=list(tags), data=list(data), trust_pickle=trust_pickle)
     if as_json:
         _json_print(res.to_dict())
         return
@@ -93,6 +97,9 @@ def add(model, name, version, metrics, tags, data, as_json):
                  f"stage {r.stage}")
     if r.lineage:
         _out().print(f"  lineage {_esc(label(r.lineage))}")
+    if trust_pickle and r.format == "sklearn":
+        _out().print("  [yellow]pickle trusted (--trust-pickle): the allow-list check was waived; "
+                     "recorded with the version[/]")
 
 
 @registry.command("list")

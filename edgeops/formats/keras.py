@@ -313,12 +313,37 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def _embedding_inputs(model) -> set[int]:
+    """Positions of model inputs that feed an Embedding layer directly. Such inputs are token
+    ids whatever dtype the file declares (Keras 2 Sequential models without an InputLayer
+    declare float32; Embedding casts to int), so they are int32 in the signature and
+    generated inputs are valid ids, not normal floats."""
+    out = set()
+    ids = {id(t): i for i, t in enumerate(model.inputs)}
+    for layer in getattr(model, "layers", []):
+        if type(layer).__name__ != "Embedding":
+            continue
+        try:
+            got = layer.input
+        except Exception:  # noqa: BLE001 - a layer used twice has no single input
+            continue
+        for t in (got if isinstance(got, (list, tuple)) else [got]):
+            if id(t) in ids:
+                out.add(ids[id(t)])
+    layers = [la for la in getattr(model, "layers", []) if type(la).__name__ != "InputLayer"]
+    if not out and len(model.inputs) == 1 and layers and type(layers[0]).__name__ == "Embedding":
+        out.add(0)              # Sequential: its first layer reads the only input
+    return out
+
+
 def signature_of(model) -> Signature:
     if not getattr(model, "inputs", None) or not getattr(model, "outputs", None):
         raise FormatError("the Keras model has no defined inputs/outputs (a subclassed model "
                           "that was never built); save it after calling it once")
-    ins = tuple(TensorSpec(n, _dtype_name(t.dtype), _shape(t.shape))
-                for n, t in zip(input_names(model), model.inputs))
+    ids = _embedding_inputs(model)
+    ins = tuple(TensorSpec(n, "int32" if i in ids and _dtype_name(t.dtype).startswith("float")
+                           else _dtype_name(t.dtype), _shape(t.shape))
+                for i, (n, t) in enumerate(zip(input_names(model), model.inputs)))
     outs = tuple(TensorSpec(n, _dtype_name(t.dtype), _shape(t.shape))
                  for n, t in zip(output_names(model), model.outputs))
     return Signature(ins, outs)

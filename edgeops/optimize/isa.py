@@ -29,7 +29,8 @@ X86_FEATURES = ("sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_v
                 "amx_int8", "f16c")
 ARM_FEATURES = ("asimd", "asimddp", "i8mm", "fphp", "asimdhp", "sve")
 
-DYNAMIC_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "GRU"]
+# Gather: embedding tables stored int8 (onnxruntime's dynamic default quantizes them too)
+DYNAMIC_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "GRU", "Gather"]
 
 
 @dataclass

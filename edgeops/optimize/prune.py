@@ -230,9 +230,15 @@ class PruneReport:
     distill: dict | None = None
     report_path: str | None = None
     seconds: float = 0.0
+    # the gates: a --max-drop budget and --require-speedup, as --quantize applies them
+    passed: bool = True
+    failure: str | None = None
+    max_drop: float | None = None
+    require_speedup: bool = False
+    rejected_output: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"schema_version": 1, **asdict(self)}
 
 
 def _layers(module) -> dict[str, tuple[str, int]]:
@@ -359,8 +365,11 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
         lr: float = 1e-3, temperature: float = 4.0, batch_size: int = 64, seed: int = 0,
         eval_data: str | Path | None = None, labels: str | None = None, metric: str = "auto",
         threads: int = 1, shapes: dict | None = None, measure_seconds: float = 3.0,
+        max_drop: float | None = None, require_speedup: bool = False,
         progress=None) -> PruneReport:
-    """Prune and/or distill SRC into DST (.onnx), verified, with a report and lineage."""
+    """Prune and/or distill SRC into DST (.onnx), verified, with a report and lineage.
+    MAX_DROP (a fraction) and REQUIRE_SPEEDUP gate the result exactly as quantize does: a
+    breach writes DST.rejected.onnx instead of DST and the report says why (passed False)."""
     from .. import lineage
     from ..formats.base import sha256_path
     from .quantize import Progress
@@ -399,6 +408,16 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
         tm = to_torch(src, work, shapes, prog.say)
         ev = gates.load_dataset(eval_data, tm.signature, labels) if eval_data else None
         dset = gates.load_dataset(data, tm.signature) if distill else None
+        gate_warning = None
+        if max_drop is not None and ev is None:
+            # the budget needs a metric: as --quantize does, the optimistic or generated data
+            if dset is not None:
+                ev = dset
+                gate_warning = "no --eval data: the budget is checked on the --data the student was distilled on (optimistic)"
+            else:
+                ev = gates.random_dataset(tm.signature, n=64, seed=1, shapes=shapes)
+                gate_warning = ("no --eval data: the budget is checked as agreement with the "
+                                "original on RANDOM inputs; real-data accuracy is unknown")
         before_layers = _layers(tm.module)
         if ratio is not None:
             prog.say(f"{'structured' if structured else 'unstructured'} pruning, ratio {ratio}")
@@ -456,8 +475,20 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
                                    f"({speedup:.2f}x)")
         if ev is None:
             report.warnings.append("no --eval data: accuracy after this change is unknown")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(final, dst)
+        if gate_warning:
+            report.warnings.append(gate_warning)
+        report.max_drop, report.require_speedup = max_drop, require_speedup
+        if max_drop is not None and before.metric - after.metric > max_drop + 1e-12:
+            report.failure = (f"accuracy budget not met: {metric_name} {before.metric:.4f} -> "
+                              f"{after.metric:.4f} drops {100 * (before.metric - after.metric):.2f} "
+                              f"points, budget {100 * max_drop:.2f}")
+        elif require_speedup and report.verdict != "faster":
+            report.failure = (f"--require-speedup: the result is {report.verdict} than the "
+                              f"original ({speedup:.2f}x; needs >= {gates.FASTER_THRESHOLD:.2f}x)")
+        report.passed = report.failure is None
+        target = dst if report.passed else dst.with_name(dst.stem + ".rejected.onnx")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(final, target)
         step = "optimize." + "+".join((["prune"] if ratio is not None else []) + (["distill"] if distill else []))
         rec = lineage.make_record(
             step, src, sha256_path(src), tm.source_format,
@@ -466,12 +497,16 @@ def run(src: str | Path, dst: str | Path, *, ratio: float | None = None, structu
                        "flops": [before.flops, after.flops],
                        "p50_ms": [before.p50_ms, after.p50_ms], "speedup": speedup,
                        "metric": metric_name, "metric_before": before.metric,
-                       "metric_after": after.metric},
+                       "metric_after": after.metric, "max_drop": max_drop,
+                       "passed": report.passed},
              **({"distill": {k: v for k, v in distill_report.items() if k != "history"}}
                 if distill_report else {})},
             parent=lineage.read_onnx_lineage(tm.onnx_path))
-        lineage.write_onnx_lineage(dst, rec)
-        report.output = str(dst)
+        lineage.write_onnx_lineage(target, rec)
+        if report.passed:
+            report.output = str(target)
+        else:
+            report.rejected_output = str(target)
         gates.write_report(report, dst, t0)
         return report
     finally:

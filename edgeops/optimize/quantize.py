@@ -836,14 +836,31 @@ def _run_variant(v: Variant, pre: Path, work: Path, s: isa.QuantSettings,
                                                      work / f"calib-{method}.json", ex, prog),
                         "static")
     elif v.name == "dynamic":
+        from dataclasses import replace
+
         ops = s.dynamic_op_types          # --op-types, when given, is already in here
-        v.settings = {"weight_type": "int8", "per_channel": False, "reduce_range": s.reduce_range,
-                      "op_types": list(ops)}
-        build = checked(lambda ex, out: build_dynamic(pre, out, s, ops, ex), "dynamic")
+        # 7-bit weights avoid U8S8 saturation on AVX2 without VNNI, but cost accuracy where
+        # no saturation happens (onnxruntime's own default is 8-bit): both are measured
+        ranges = [s.reduce_range] + ([False] if s.reduce_range else [])
+        dyn_scores, dyn_probes = {}, {}
+        for rr in ranges:
+            out = work / f"dynamic-rr{int(rr)}.probe.onnx"
+            label = f"dynamic ({'7' if rr else '8'}-bit weights)"
+            raw = (lambda ex, o, rr=rr: build_dynamic(pre, o, replace(s, reduce_range=rr), ops, ex))
+            checked(raw, label)(user_exclude, out)
+            dyn_scores[rr], dyn_probes[rr] = evaluate(out, label), out
+        rr = max(ranges, key=lambda r: (dyn_scores[r], r == s.reduce_range))
+        v.settings = {"weight_type": "int8", "per_channel": False, "reduce_range": rr,
+                      "op_types": list(ops),
+                      "weight_bits_scores": {("7-bit" if r else "8-bit"): round(x, 6)
+                                             for r, x in dyn_scores.items()}}
+        build = checked(lambda ex, out: build_dynamic(pre, out, replace(s, reduce_range=rr), ops, ex),
+                        "dynamic")
     else:
         v.settings = {"keep_io_types": keep_io_types, "via": "onnxconverter-common float16"}
         build = checked(lambda ex, out: build_fp16(pre, out, keep_io_types, ex), "fp16")
-    first = (probes[method], scores[method]) if v.name == "static" else None
+    first = (probes[method], scores[method]) if v.name == "static" else \
+        (dyn_probes[rr], dyn_scores[rr]) if v.name == "dynamic" else None
     fp16 = v.name == "fp16"
     _budget_search(v.name, build, evaluate, metric_fp32, max_drop, pre, sens_batches, work,
                    (lambda p: None) if fp16 else cands, user_exclude, prog, v,
@@ -877,10 +894,16 @@ def _speed_select(v: Variant, build, evaluate: _Evaluator, metric_fp32: float, m
         prog.say(f"{v.name}: profiling float and int8 per node (which layers gain)")
         cmp = speed.compare(pre, Path(v.path), feeds, threads)
         v.speed_reason = cmp.reason()
-        quantized = cands(Path(v.path)) or set()
+        # nodes the quantizer touched, less those already kept float (a float node fed by a
+        # DequantizeLinear counts as touched, but it computes in float)
+        quantized = (cands(Path(v.path)) or set()) - set(v.fallback_nodes)
         losing = [g for g in cmp.losing() if g.node in quantized]
         if not losing:
             return
+        compute = {g.node for g in cmp.groups} & quantized
+        if {g.node for g in losing} >= compute:
+            prog.say(f"{v.name}: every quantized layer is slower in int8 on this CPU")
+            return                  # nothing would stay quantized: the verdict says SLOWER
         extra = [m for g in losing for m in g.members if m not in v.fallback_nodes]
         fallback = list(v.fallback_nodes) + extra
         out = work / f"{v.name}.speed{rnd + 1}.onnx"

@@ -72,7 +72,8 @@ class Comparison:
                         if k.startswith(("QLinear", "QGemm", "MatMulInteger", "ConvInteger",
                                          "DynamicQuantize", "MatMulIntegerToFloat"))}
         float_compute = sum(v for k, v in self.fp32_by_op.items()
-                            if k in COMPUTE or k in ("FusedConv", "FusedGemm", "FusedMatMul"))
+                            if k in COMPUTE or k in ("FusedConv", "FusedGemm", "FusedMatMul",
+                                                     "LSTM", "GRU", "RNN"))
         won = sum(g.gain_us for g in self.groups if g.gain_us > 0)
         lost = -sum(g.gain_us for g in self.groups if g.gain_us < 0)
         parts = [f"float {self.fp32_total_us:.0f} us vs int8 {self.int8_total_us:.0f} us per run",

@@ -487,9 +487,12 @@ class Registry:
     # -- adding ---------------------------------------------------------------------
 
     def add(self, path, name: str, version: str = "auto", metrics: dict | None = None,
-            tags=None, data=None) -> AddResult:
+            tags=None, data=None, trust_pickle: bool = False) -> AddResult:
         """Register the model at `path` as `name` (version 'auto': the latest patch + 1, first
-        0.1.0). The same content already live under `name` returns that version, created=False."""
+        0.1.0). The same content already live under `name` returns that version, created=False.
+        A pickle goes through the same gate as loading it (edgeops.safety): one that reaches
+        globals off the allow-list is refused unless TRUST_PICKLE, and that choice is recorded
+        with the version (a "safety" attachment and the add event)."""
         from ..formats import detect
         from ..formats.base import sha256_path
 
@@ -499,6 +502,16 @@ class Registry:
             semver(version)
         metrics, tags, data = _metrics(metrics), _tags(tags), _data(data)
         fmt = detect(path).id
+        safety_record = None
+        if fmt == "sklearn":
+            from .. import safety
+
+            scan = safety.require_safe_pickle(path, trust=trust_pickle)
+            unsafe = safety.unsafe_globals(scan)
+            if trust_pickle:
+                safety_record = {"pickle": "trusted by the user (--trust-pickle): the allow-list "
+                                           "check was waived for this version",
+                                 "unsafe_globals": unsafe}
         collected = _collect(path, fmt)
         files = {rel: {"sha256": sha, "size": size} for rel, (_, sha, size) in collected.items()}
         single = path.is_file() and len(files) == 1
@@ -543,7 +556,10 @@ class Registry:
                 db.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?)",
                            (fsha, size, self.blobs.url_of(fsha), utc_now()))
                 db.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (vid, rel, fsha, size))
-            self._event(db, vid, "add", {"path": str(path.absolute()), "sha256": sha})
+            self._event(db, vid, "add", {"path": str(path.absolute()), "sha256": sha,
+                                         **({"trust_pickle": True} if safety_record else {})})
+            if safety_record is not None:
+                self._attach(db, vid, "safety", "pickle", safety_record)
             if side is not None:
                 self._attach(db, vid, "parity", "convert", side)
         return AddResult(self.get(name, version), True)
