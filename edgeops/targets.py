@@ -39,7 +39,8 @@ REQUIRED = {
 OPTIONAL = {
     "memory": {"cache_mb": (int, float), "l2_mb": (int, float)},
     "efficiency": {"norm": (int, float), "llc": (int, float), "dram": (int, float),
-                   "kernel_overhead_us": (int, float), "rnn_step_us": (int, float)},
+                   "kernel_overhead_us": (int, float), "rnn_step_us": (int, float),
+                   "struct_overhead_us": (int, float)},
 }
 
 

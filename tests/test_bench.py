@@ -261,7 +261,7 @@ def test_calibrate_host_locally(big, home):
                                  "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
-    assert len(rep["suite"]) <= 20 and Path(rep["path"]).is_file()
+    assert len(rep["suite"]) <= 22 and Path(rep["path"]).is_file()
     cal = rep["calibration"]
     assert cal["n_models"] == len(rep["suite"])
     assert all(math.isfinite(e) for e in cal["rel_err_loo"])

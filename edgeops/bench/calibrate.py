@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..paths import home
 from .measure import Settings, run_local, write_feeds
 
-MAX_SUITE = 20
+MAX_SUITE = 22
 
 
 def _profile(name: str, base: str | None, device) -> targets.Profile:

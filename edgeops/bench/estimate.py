@@ -85,7 +85,8 @@ _KERNEL_CLASSES = ("conv", "depthwise", "gemm", "rnn", "int8")   # pay kernel_ov
 # (defaults below)
 DEFAULT_EFFICIENCY = {"conv": 0.30, "depthwise": 0.08, "gemm": 0.35, "rnn": 0.15, "int8": 0.25,
                       "norm": 0.30, "memory": 0.40, "llc": 0.40, "dram": 0.40, "node_overhead_us": 4.0,
-                      "kernel_overhead_us": 0.0, "rnn_step_us": 0.0, "run_overhead_us": 15.0,
+                      "kernel_overhead_us": 0.0, "rnn_step_us": 0.0, "struct_overhead_us": 0.0,
+                      "run_overhead_us": 15.0,
                       "parallel": 0.85}
 DEFAULT_CACHE_MB = 2.0           # last-level cache when the profile has no memory.cache_mb
 FIT_KERNEL_OVERHEAD = True       # fit a fixed cost per compute-class kernel call
@@ -112,7 +113,8 @@ EFF_BOUNDS["memory"] = (0.005, 8.0)
 EFF_BOUNDS["llc"] = (0.005, 8.0)
 EFF_BOUNDS["dram"] = (0.005, 2.0)
 OVERHEAD_BOUNDS = {"node_overhead_us": (0.0, 200.0), "kernel_overhead_us": (0.0, 200.0),
-                   "rnn_step_us": (0.0, 100.0), "run_overhead_us": (0.0, 5000.0)}
+                   "rnn_step_us": (0.0, 100.0), "struct_overhead_us": (0.0, 200.0),
+                   "run_overhead_us": (0.0, 5000.0)}
 
 UNCALIBRATED_FACTOR = 2.0        # uncalibrated interval: [p50 / 2, p50 * 2]
 MIN_REL_ERR = 0.05               # calibrated interval never narrower than +-5 %
@@ -164,6 +166,10 @@ class Analysis:
     n_executed: int
     input_shapes: dict[str, list[int]]
     notes: list[str] = field(default_factory=list)
+    # onnxruntime's NCHWc layout on x86 (block 8 with AVX2, 16 with AVX-512): the bytes of
+    # every ReorderInput/ReorderOutput it would insert, per block size (see _nchwc_reorders)
+    reorders: dict[int, list[int]] = field(default_factory=dict)
+    struct_nodes: int = 0           # executed data-movement nodes (STRUCT_OPS)
 
     @property
     def classes(self) -> list[str]:
@@ -255,6 +261,24 @@ def _fix_dims(model, shapes):
                 d.dim_value = 1
         fixed[vi.name] = [int(d.dim_value) for d in dims]
     return m, dynamic, fixed
+
+
+def _add_shapes(graph, ts: "_Tensors", extra: dict[str, list[int]]) -> None:
+    """Record EXTRA shapes as value_info where the graph has none (element type kept)."""
+    from onnx import helper
+
+    have = {vi.name for vi in list(graph.value_info) + list(graph.output) + list(graph.input)}
+    for name, shape in extra.items():
+        if ts.shape.get(name) is not None:
+            continue
+        if name in have:
+            for vi in list(graph.value_info) + list(graph.output):
+                if vi.name == name and vi.type.HasField("tensor_type"):
+                    vi.type.tensor_type.shape.Clear()
+                    for d in shape:
+                        vi.type.tensor_type.shape.dim.add().dim_value = int(d)
+            continue
+        graph.value_info.append(helper.make_tensor_value_info(name, 0, list(shape)))
 
 
 def _infer(model, notes):
@@ -735,15 +759,80 @@ def _peak_activation(graph, nodes: list[NodeCost], ts: _Tensors, const: set[str]
     return int(np.cumsum(events).max()) if len(events) else 0
 
 
-def analyze(model, shapes: dict[str, tuple] | None = None) -> Analysis:
+def _missing_shapes(graph, ts: "_Tensors") -> list[str]:
+    """Main-graph node outputs whose shape is still unknown."""
+    return [o for n in graph.node for o in n.output if o and ts.shape.get(o) is None]
+
+
+def _symbolic_shapes(model, notes: list[str]) -> dict[str, list[int]]:
+    """onnxruntime's symbolic shape inference (what its optimizer sees), concrete dims only."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception as exc:  # noqa: BLE001 - it gives up on some graphs: the run comes next
+        notes.append(f"symbolic shape inference failed: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
+        return {}
+    ts = _Tensors()
+    ts.collect(out.graph)
+    return {k: v for k, v in ts.shape.items() if v is not None}
+
+
+def _run_shapes(model, input_shapes: dict[str, list[int]], notes: list[str]) -> dict[str, list[int]]:
+    """Every intermediate tensor's shape from one onnxruntime run on this machine at the given
+    input shapes (seeded inputs, graph optimisations off so every node runs as written)."""
+    import onnx
+
+    from ..agent.ort import describe, session
+    from ..formats.onnx import signature_of
+    from ..verify import make_inputs
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in m.graph.node:
+        for o in n.output:
+            if o and o not in have:
+                vi = onnx.ValueInfoProto()
+                vi.name = o
+                m.graph.output.append(vi)
+                have.add(o)
+    try:
+        feeds = make_inputs(signature_of(model), {k: tuple(v) for k, v in input_shapes.items()},
+                            batch=1, dynamic=1)
+        sess = session(m.SerializeToString(), optimization="disabled")
+        names = [o.name for o in sess.get_outputs()]
+        outs = sess.run(names, feeds)
+    except Exception as exc:  # noqa: BLE001 - the caller names what stays unknown
+        notes.append(f"the shape-recording run failed: {describe(exc, 160)}")
+        return {}
+    notes.append("intermediate shapes recorded by one onnxruntime run here at the given shapes")
+    return {k: [int(d) for d in np.shape(v)] for k, v in zip(names, outs)}
+
+
+def analyze(model, shapes: dict[str, tuple] | None = None, resolve: bool = True) -> Analysis:
     """Per-node FLOPs, bytes, op class and fusion status; totals, weights, peak activations.
 
     `model` is a path or an onnx.ModelProto; `shapes` fixes input dims by name (other dynamic
-    dims become 1)."""
+    dims become 1). Shapes ONNX inference leaves unknown are resolved the way onnxruntime
+    sees them (RESOLVE): its symbolic shape inference, then one real run here recording every
+    intermediate shape; what stays unknown is in `unknown_nodes`."""
     proto, name = _load(model)
     notes: list[str] = []
     fixed, dynamic, input_shapes = _fix_dims(proto, shapes)
     inferred = _infer(fixed, notes)
+    if resolve:
+        probe = _Tensors()
+        probe.collect(inferred.graph)
+        if _missing_shapes(inferred.graph, probe):
+            extra = _symbolic_shapes(fixed, notes)
+            missing = [t for t in _missing_shapes(inferred.graph, probe) if t not in extra]
+            if missing:
+                extra.update(_run_shapes(fixed, input_shapes, notes))
+            elif extra:
+                notes.append("shapes ONNX inference left open resolved by onnxruntime's symbolic "
+                             "shape inference")
+            _add_shapes(inferred.graph, probe, extra)
     static_names = None
     if dynamic:
         orig = _infer(proto, [])
@@ -770,6 +859,8 @@ def analyze(model, shapes: dict[str, tuple] | None = None) -> Analysis:
             weight_bytes += ts.nbytes(n.output[0]) or 0
     peak = _peak_activation(g, nodes, ts, walker.const)
     executed = [x for x in nodes if x.status in ("run", "alias")]
+    reorders = {b: _nchwc_reorders(g, nodes, ts, b) for b in NCHWC_BLOCKS}
+    struct = int(sum(x.count for x in nodes if x.status == "run" and x.op_type in STRUCT_OPS))
     return Analysis(
         name=name, nodes=nodes,
         flops=int(sum(x.flops for x in nodes if x.status == "run")),
@@ -777,7 +868,96 @@ def analyze(model, shapes: dict[str, tuple] | None = None) -> Analysis:
         weight_bytes=int(weight_bytes), peak_activation_bytes=int(peak),
         unknown_nodes=walker.unknown, n_nodes=len(nodes),
         n_executed=int(sum(x.count for x in executed)),
-        input_shapes=input_shapes, notes=notes)
+        input_shapes=input_shapes, notes=notes, reorders=reorders, struct_nodes=struct)
+
+
+NCHWC_BLOCKS = (8, 16)
+# ops that keep onnxruntime's NCHWc layout when their input has it (nchwc_transformer.cc)
+_NCHWC_PASS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "BatchNormalization",
+               "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Add", "Sum", "Concat",
+               "Resize", "Upsample"}
+# data-movement ops: each run costs more setup than an elementwise kernel on a small tensor
+STRUCT_OPS = {"Slice", "Concat", "Transpose", "Gather", "GatherElements", "GatherND", "Split",
+              "Pad", "Expand", "Tile", "Resize", "Upsample", "Where", "ScatterND",
+              "ScatterElements", "ConstantOfShape", "Range", "TopK", "CumSum", "NonZero"}
+
+
+def nchwc_block(profile: dict) -> int | None:
+    """NCHWc block size onnxruntime's CPU provider uses on the profile's CPU, or None."""
+    cpu = profile.get("cpu") or {}
+    if str(cpu.get("isa", "")).lower() not in ("x86_64", "amd64", "x64"):
+        return None
+    feats = {str(f).lower() for f in cpu.get("features") or ()}
+    if "avx512f" in feats:
+        return 16
+    return 8 if "avx2" in feats or "avx" in feats else None
+
+
+def _nchwc_reorders(graph, nodes: list[NodeCost], ts: _Tensors, block: int) -> list[int]:
+    """Bytes of each layout reorder onnxruntime's NCHWc transformer would insert at BLOCK:
+    a 4-D Conv goes NCHWc when its output channels are a multiple of BLOCK (depthwise: its
+    channels); layout-transparent ops keep NCHWc when all their inputs have it; a tensor in
+    NCHWc read by any other op (or a graph output) is reordered back once (ReorderOutput),
+    and an NCHW tensor entering an NCHWc Conv with a multiple of BLOCK input channels is
+    reordered in (ReorderInput; smaller channel counts are read as they are)."""
+    recs = [nc for nc in nodes if not nc.in_subgraph]
+    node_list = list(graph.node)
+    if len(recs) != len(node_list):
+        return []
+    layout: set[str] = set()
+    out_bytes: list[int] = []
+    reordered_in: set[str] = set()
+    graph_outs = {o.name for o in graph.output}
+    for n, rec in zip(node_list, recs):
+        if rec.status not in ("run", "fused") or not n.output:
+            continue
+        ins = [i for i in n.input if i]
+        if n.op_type == "Conv" and len(ins) > 1:
+            w = ts.shape.get(ins[1])
+            y = ts.shape.get(n.output[0])
+            if w is None or y is None or len(y) != 4:
+                continue
+            group = _attr(n, "group", 1) or 1
+            cout, cin = int(w[0]), int(w[1]) * int(group)
+            ok = (cout % block == 0) if group == 1 else (group == cin == cout and cout % block == 0)
+            if not ok:
+                continue
+            if ins[0] not in layout and cin % block == 0 and ins[0] not in reordered_in:
+                b = ts.nbytes(ins[0])
+                if b:
+                    out_bytes.append(2 * b)
+                    reordered_in.add(ins[0])
+            layout.add(n.output[0])
+        elif n.op_type in _NCHWC_PASS and ins and all(i in layout or i not in ts.shape or
+                                                      len(ts.shape.get(i) or []) <= 1
+                                                      for i in ins) and ins[0] in layout:
+            layout.update(o for o in n.output if o)
+        elif rec.status == "fused":
+            layout.update(o for o in n.output if o and any(i in layout for i in ins))
+    consumers: dict[str, list[str]] = {}
+    for n in node_list:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    kept = set()
+    for n, rec in zip(node_list, recs):
+        for o in n.output:
+            if o in layout:
+                kept.add(o)
+    for t in kept:
+        outside = t in graph_outs or any(
+            c not in _NCHWC_PASS and c != "Conv" for c in consumers.get(t, []))
+        if outside:
+            b = ts.nbytes(t)
+            if b:
+                out_bytes.append(2 * b)
+    return out_bytes
+
+
+def unknown_compute(analysis: Analysis) -> list[str]:
+    """Nodes that carry compute (every class but memory) whose shapes stayed unknown: a
+    prediction would count them as free."""
+    unknown = set(analysis.unknown_nodes)
+    return [n.name for n in analysis.nodes if n.name in unknown and n.op_class != "memory"]
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -840,11 +1020,13 @@ def _peaks(profile: dict, threads: int, eff: dict) -> tuple[dict, float]:
 
 # parameter vector of the fit: inverse efficiency per class, inverse DRAM efficiency, then the
 # overheads in seconds (per executed node, per compute-class node, per run)
-_NP = len(CLASSES) + 2 + 4
+_NP = len(CLASSES) + 2 + 5
 _I_MEM, _I_LLC, _I_DRAM = CLASSES.index("memory"), len(CLASSES), len(CLASSES) + 1
-_I_NODE, _I_KERN, _I_STEP, _I_RUN = (len(CLASSES) + 2, len(CLASSES) + 3, len(CLASSES) + 4,
-                                     len(CLASSES) + 5)
-_OH_KEYS = ("node_overhead_us", "kernel_overhead_us", "rnn_step_us", "run_overhead_us")
+_I_NODE, _I_KERN, _I_STEP, _I_STRUCT, _I_RUN = (len(CLASSES) + 2, len(CLASSES) + 3,
+                                                len(CLASSES) + 4, len(CLASSES) + 5,
+                                                len(CLASSES) + 6)
+_OH_KEYS = ("node_overhead_us", "kernel_overhead_us", "rnn_step_us", "struct_overhead_us",
+            "run_overhead_us")
 
 
 def _node_parts(n: NodeCost, peaks: dict, bw: float, frac) -> tuple[float, float, float, float]:
@@ -857,6 +1039,13 @@ def _node_parts(n: NodeCost, peaks: dict, bw: float, frac) -> tuple[float, float
     return tc, (n.bytes - wl - wd) / bw, wl / bw, wd / bw
 
 
+def _reorder_nodes(a: Analysis, profile: dict) -> list[NodeCost]:
+    """The NCHWc layout reorders onnxruntime inserts on the profile's CPU, as memory nodes."""
+    block = nchwc_block(profile)
+    return [NodeCost(f"Reorder_{i}", "ReorderOutput", "memory", 0, int(b))
+            for i, b in enumerate((a.reorders or {}).get(block, []) if block else [])]
+
+
 class _Flat:
     """Node arrays of one or more analyses, for vectorised prediction and fitting."""
 
@@ -866,8 +1055,20 @@ class _Flat:
         self.n_exec = np.zeros(len(analyses))
         self.n_kern = np.zeros(len(analyses))
         self.n_step = np.zeros(len(analyses))       # recurrent steps (per-step cost)
+        self.n_struct = np.zeros(len(analyses))     # data-movement nodes
         for k, a in enumerate(analyses):
             frac = cache_fractions(a, profile)
+            self.n_struct[k] = a.struct_nodes
+            reorders = _reorder_nodes(a, profile)
+            self.n_exec[k] += len(reorders)
+            for n in reorders:
+                c, m, ll, d = _node_parts(n, peaks, bw, (0.0, 0.0))
+                model.append(k)
+                cls.append(CLASSES.index("memory"))
+                tc.append(c)
+                tmc.append(m)
+                tml.append(ll)
+                tmd.append(d)
             for n in a.nodes:
                 if n.status in ("run", "alias"):
                     self.n_exec[k] += n.count
@@ -901,7 +1102,8 @@ class _Flat:
     def totals(self, x):
         t, _ = self.node_times(x)
         return (np.bincount(self.model, weights=t, minlength=self.n) + self.n_exec * x[_I_NODE]
-                + self.n_kern * x[_I_KERN] + self.n_step * x[_I_STEP] + x[_I_RUN])
+                + self.n_kern * x[_I_KERN] + self.n_step * x[_I_STEP]
+                + self.n_struct * x[_I_STRUCT] + x[_I_RUN])
 
 
 def _xvec(eff: dict) -> np.ndarray:
@@ -916,11 +1118,12 @@ def predict(analysis: Analysis, profile: dict, threads: int = 1) -> Prediction:
     peaks, bw = _peaks(profile, threads, eff)
     x = _xvec(eff)
     frac = cache_fractions(analysis, profile)
-    node_oh, kern_oh, step_oh = x[_I_NODE], x[_I_KERN], x[_I_STEP]
+    node_oh, kern_oh, step_oh, struct_oh = x[_I_NODE], x[_I_KERN], x[_I_STEP], x[_I_STRUCT]
     by_class = {c: 0.0 for c in CLASSES}
     costs = []
     n_kern = 0
-    for n in analysis.nodes:
+    reorders = _reorder_nodes(analysis, profile)
+    for n in list(analysis.nodes) + reorders:
         if n.status not in ("run", "alias"):
             continue
         c, m, ll, d = _node_parts(n, peaks, bw, frac)
@@ -930,8 +1133,10 @@ def predict(analysis: Analysis, profile: dict, threads: int = 1) -> Prediction:
         by_class[n.op_class] += t
         k = n.count if (n.status == "run" and n.op_class in _KERNEL_CLASSES) else 0
         n_kern += k
-        costs.append((t + n.count * node_oh + k * kern_oh, n, "compute" if tc > tm else "memory"))
-    overhead = analysis.n_executed * node_oh + n_kern * kern_oh + x[_I_RUN]
+        s = n.count * struct_oh if (n.status == "run" and n.op_type in STRUCT_OPS) else 0.0
+        costs.append((t + n.count * node_oh + k * kern_oh + s, n, "compute" if tc > tm else "memory"))
+    overhead = ((analysis.n_executed + len(reorders)) * node_oh + n_kern * kern_oh
+                + analysis.struct_nodes * struct_oh + x[_I_RUN])
     p50 = sum(by_class.values()) + overhead
 
     cal = profile.get("calibration") or {}
@@ -1054,6 +1259,7 @@ def _fit_core(flat: _Flat, meas: np.ndarray, prior: np.ndarray, rows: np.ndarray
         A[:, _I_NODE] = flat.n_exec
         A[:, _I_KERN] = flat.n_kern
         A[:, _I_STEP] = flat.n_step
+        A[:, _I_STRUCT] = flat.n_struct
         A[:, _I_RUN] = 1.0
         Aw = A[rows] * w[:, None]
         x = tied(_bvls(Aw, np.ones(len(rows)), lo, hi, x))
@@ -1116,6 +1322,7 @@ def fit(analyses: list[Analysis], measured_p50_ms: list[float], profile: dict, t
         s[_I_NODE] = s[_I_RUN] = True
         s[_I_KERN] = FIT_KERNEL_OVERHEAD and int(np.sum(flat.n_kern[rows] > 0)) >= 2
         s[_I_STEP] = FIT_RNN_STEP and int(np.sum(flat.n_step[rows] > 0)) >= 2
+        s[_I_STRUCT] = int(np.sum(flat.n_struct[rows] >= 4)) >= 2
         return s
 
     all_rows = np.arange(len(analyses))
@@ -1137,7 +1344,7 @@ def fit(analyses: list[Analysis], measured_p50_ms: list[float], profile: dict, t
     efficiency = {c: float(round(1.0 / x[k], 6)) for k, c in enumerate(CLASSES)}
     efficiency["llc"] = float(round(1.0 / x[_I_LLC], 6))
     efficiency["dram"] = float(round(1.0 / x[_I_DRAM], 6))
-    for k, i in zip(_OH_KEYS, (_I_NODE, _I_KERN, _I_STEP, _I_RUN)):
+    for k, i in zip(_OH_KEYS, (_I_NODE, _I_KERN, _I_STEP, _I_STRUCT, _I_RUN)):
         efficiency[k] = float(round(x[i] * 1e6, 4))
     efficiency["parallel"] = float(eff["parallel"])
 

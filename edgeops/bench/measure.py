@@ -200,6 +200,15 @@ def bench(model: str | Path, *, settings: Settings | None = None, inputs: str | 
         prof = targets.load(target)
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}
         analysis = estimate.analyze(proto, shapes)
+        blind = estimate.unknown_compute(analysis)
+        if blind:
+            shown = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
+            raise UsageError(f"cannot predict {Path(model).name}: the shapes of {len(blind)} compute "
+                             f"node(s) stay unknown ({shown}) -- counting them as free would "
+                             "give a confident wrong number",
+                             hint="give every dynamic input a concrete --shape (or --inputs); "
+                                  "the notes of `edgeops bench --predict --json` say which "
+                                  "resolution step failed")
         pred = estimate.predict(analysis, prof.data, threads=s.threads).to_dict()
         rep = BenchReport(mode="predicted", where="target", model=info,
                           settings=s.to_dict(), prediction=pred, target=prof.summary())

@@ -1,4 +1,4 @@
-"""The fixed calibration suite: at most 20 small ONNX models built with onnx.helper.
+"""The fixed calibration suite: at most 22 small ONNX models built with onnx.helper.
 
 Every op class of `edgeops.bench.estimate` appears at several sizes, so each efficiency
 factor (and the per-node / per-run overheads) is identifiable from the suite's timings:
@@ -14,6 +14,9 @@ factor (and the per-node / per-run overheads) is identifiable from the suite's t
 * a memory-bound elementwise / norm / pool chain (Sigmoid, Tanh, LayerNormalization: "norm");
 * tiny chains of 1, 8 and 50 Adds for the per-run and per-node overheads (three, so leaving
   one out still identifies both);
+* ten small 1-D convolutions (the per-kernel cost that dominates audio front ends and VADs)
+  and a chain of small data-movement ops (Slice, Concat, Transpose, Pad, Split, Gather,
+  Expand: the per-node cost of exported streaming models' plumbing);
 * three int8 models: `quantize_dynamic` of an MLP and `quantize_static` (QDQ) of two CNNs.
 
 Weights come from a fixed numpy seed, opset 17, static input shapes, batch 1. Models are
@@ -35,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 OPSET = 17
-SUITE_VERSION = "2"
+SUITE_VERSION = "3"
 
 
 @dataclass
@@ -201,6 +204,38 @@ def _memchain(seed):
     return g.model((1, c, res, res), x), ["norm", "memory"]
 
 
+def _tiny_convs(seed):
+    """Ten small 1-D convolutions (audio front ends, VADs): per-kernel cost, not FLOPs."""
+    g = _G("tiny_convs", seed)
+    x = "x"
+    for i in range(10):
+        w = g.w((16, 1 if i % 3 == 2 else 16, 3))
+        y = g.op("Conv", [x, w, g.w((16,), 0.01, "b")], kernel_shape=[3], pads=[1, 1],
+                 group=16 if i % 3 == 2 else 1)
+        x = g.op("Relu", [y])
+    return g.model((1, 16, 24), x), ["conv", "depthwise"]
+
+
+def _small_ops(seed):
+    """Data movement on small tensors (the plumbing of exported streaming models): Slice,
+    Concat, Transpose, Pad, Gather, Split, Expand: per-node setup cost of these kernels."""
+    g = _G("small_ops", seed)
+    x = "x"
+    for _ in range(6):
+        t = g.op("Transpose", [x], perm=[0, 2, 1])
+        a = g.op("Slice", [t, g.const(np.array([0], np.int64)), g.const(np.array([16], np.int64)),
+                           g.const(np.array([1], np.int64))])
+        b = g.op("Slice", [t, g.const(np.array([16], np.int64)), g.const(np.array([32], np.int64)),
+                           g.const(np.array([1], np.int64))])
+        c = g.op("Concat", [b, a], axis=1)
+        p = g.op("Pad", [c, g.const(np.array([0, 0, 1, 0, 0, 1], np.int64))])
+        s1, _s2 = g.op("Split", [p, g.const(np.array([24, 26], np.int64))], n_out=2, axis=2)
+        gi = g.op("Gather", [s1, g.const(np.arange(24)[::-1].copy())], axis=2)
+        x = g.op("Transpose", [gi], perm=[0, 2, 1])
+        x = g.op("Expand", [x, g.const(np.array([1, 24, 32], np.int64))])
+    return g.model((1, 24, 32), x), ["memory"]
+
+
 def _tiny_chain(name, seed, n):
     g = _G(name, seed)
     x = "x"
@@ -228,6 +263,8 @@ _FLOAT = {
     "tiny_chain": lambda: _tiny_chain("tiny_chain", 17, 50),
     "tiny_chain_s": lambda: _tiny_chain("tiny_chain_s", 18, 8),
     "tiny_one": lambda: _tiny_chain("tiny_one", 10, 1),
+    "tiny_convs": lambda: _tiny_convs(21),
+    "small_ops": lambda: _small_ops(22),
 }
 
 # int8 models: (name, float builder, recipe)

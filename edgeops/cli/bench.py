@@ -316,7 +316,7 @@ def targets_show(name, as_json):
 @json_option
 def targets_calibrate(name, local, device_name, ssh_spec, key, device_python, known_hosts,
                       accept_new_host_key, base, threads, seconds, statistic, rounds, as_json):
-    """Run the fixed suite (<= 20 small models) on the real machine, fit NAME's efficiency
+    """Run the fixed suite (<= 22 small models) on the real machine, fit NAME's efficiency
     factors, and save the calibrated profile to $EDGEOPS_HOME/targets/NAME.toml."""
     from ..bench.calibrate import calibrate
 

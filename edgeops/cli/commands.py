@@ -226,6 +226,10 @@ def inspect(path, shapes, trust_pickle, as_json):
         out.print(t)
     elif info.get("signature_error"):
         out.print(f"  signature: [yellow]{_esc(info['signature_error'])}[/]")
+    rt = info.get("runtime")
+    if rt:
+        style = "yellow" if "CANNOT" in rt else "green"
+        out.print(f"  runtime  [{style}]{_esc(rt)}[/]")
     if info.get("lineage"):
         for i, line in enumerate(_lineage_lines(info["lineage"])):
             out.print(f"  {'lineage' if i == 0 else '':<8} {_esc(line)}")

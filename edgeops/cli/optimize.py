@@ -74,6 +74,9 @@ class _RichProgress:
                    "instead of this machine.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="onnxruntime intra-op threads for evaluation and timing.")
+@click.option("--min-seconds", "measure_seconds", type=float, default=3.0, show_default=True,
+              help="Speed gate: time every model for at least this long (interleaved, >= 50 "
+                   "rounds unless a slow model reaches 10x this first).")
 @click.option("--require-speedup", is_flag=True,
               help="Exit 1 unless the result measures faster than fp32 (>= 1.05x p50).")
 @click.option("--op-types", metavar="OPS", help="Comma-separated op types for dynamic mode "
@@ -107,7 +110,8 @@ class _RichProgress:
 @shape_option
 @json_option
 def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, calib_method,
-             target, threads, require_speedup, op_types, exclude, keep_io_types, keep_opset, ratio,
+             target, threads, measure_seconds, require_speedup, op_types, exclude, keep_io_types,
+             keep_opset, ratio,
              structured, importance, keep, distill, distill_data, student, epochs, lr,
              temperature, batch_size, seed, shapes, as_json):
     """Quantize, prune or distill SRC, each result checked and measured.
@@ -143,7 +147,7 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
                   seed=seed, eval_data=eval_data, labels=labels, metric=metric,
                   threads=threads, shapes=parse_shapes(shapes),
                   max_drop=parse_drop(max_drop) if max_drop is not None else None,
-                  require_speedup=require_speedup, progress=prog)
+                  require_speedup=require_speedup, measure_seconds=measure_seconds, progress=prog)
         if as_json:
             _json_print(rep.to_dict())
         else:
@@ -158,7 +162,8 @@ def optimize(src, dst, mode, calibration, eval_data, labels, metric, max_drop, c
         calib_method=calib_method, target=target,
         threads=threads, require_speedup=require_speedup,
         op_types=_csv(op_types), exclude=_csv(exclude), keep_io_types=keep_io_types,
-        shapes=parse_shapes(shapes), keep_opset=keep_opset, progress=prog)
+        shapes=parse_shapes(shapes), keep_opset=keep_opset, measure_seconds=measure_seconds,
+        progress=prog)
     if as_json:
         _json_print(report.to_dict())
     else:

@@ -296,6 +296,12 @@ def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> d
         ops[key] = ops.get(key, 0) + 1
     meta = metadata(model)
     ext = external_files(Path(path))
+    try:
+        load_session(Path(path))
+        runtime = "onnxruntime loads it"
+    except FormatError as exc:
+        runtime = exc.message.split(": onnxruntime cannot load the model: ", 1)[-1]
+        runtime = f"onnxruntime CANNOT load it: {runtime}"
     lineage = None
     if "edgeops.lineage" in meta:
         try:
@@ -311,6 +317,7 @@ def inspect(path: Path, fmt: str = "onnx", opts: LoadOptions | None = None) -> d
         "nodes": sum(ops.values()),
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         "metadata": {k: v for k, v in meta.items() if k != "edgeops.lineage"},
+        "runtime": runtime,
         "lineage": lineage,
         **({"external_data": {"files": sorted(ext), "bytes": sum(ext.values())},
             "size": Path(path).stat().st_size + sum(ext.values())} if ext else {}),

@@ -95,6 +95,7 @@ def prepare(src: Path, workdir: Path, feeds_list: list[dict] | None = None,
     moved = normalize.constants_to_initializers(model, float_only=True)
     if moved:
         notes.append(f"moved {moved} float Constant tensors to initializers")
+    onnx.save(model, str(workdir / "normalized.onnx"))   # what `auto` writes when fp32 wins
     have = normalize.default_opset(model)
     per_channel = True
     if have < PER_CHANNEL_OPSET and keep_opset:

@@ -567,6 +567,8 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
                          f"{', '.join(CALIB_METHODS)}")
     if threads < 1:
         raise UsageError("--threads must be at least 1")
+    if not measure_seconds > 0:
+        raise UsageError("--min-seconds must be > 0")
     if dst.suffix.lower() != ".onnx":
         raise UsageError(f"-o {dst}: the output of --quantize is an ONNX model (.onnx)")
     if dst.resolve() == src.resolve():
@@ -765,7 +767,9 @@ def quantize(src: str | Path, dst: str | Path, mode: str = "auto", *,
         # ---- write
         final = dst if failure is None else dst.with_name(dst.stem + ".rejected.onnx")
         final.parent.mkdir(parents=True, exist_ok=True)
-        out_model = onnx.load(chosen.path)
+        # the fp32 answer is the source as normalised (an IR-3 file with weights missing
+        # from its inputs is invalid for onnx's checker; the normalised one is not)
+        out_model = onnx.load(str(work / "normalized.onnx") if chosen.name == "fp32" else chosen.path)
         if chosen.name != "fp32":
             graph.drop_unused_opsets(out_model)
         onnx.save(out_model, str(final))
