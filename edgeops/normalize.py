@@ -101,6 +101,9 @@ def rename_tensor(model, old: str, new: str) -> None:
                     v.name = new
 
 
+SOURCE_FAILS = "the source itself"
+
+
 def verify_same(a, b, feeds_list: list[dict[str, np.ndarray]], atol: float = 1e-5,
                 rtol: float = 1e-4) -> str | None:
     """None when models A and B (ModelProtos) give the same outputs under onnxruntime on every
@@ -112,13 +115,20 @@ def verify_same(a, b, feeds_list: list[dict[str, np.ndarray]], atol: float = 1e-
 
     try:
         sa = session(a.SerializeToString(), optimization="disabled")
+    except Exception as exc:  # noqa: BLE001
+        return f"{SOURCE_FAILS} does not load in onnxruntime ({describe(exc, 200)})"
+    try:
         sb = session(b.SerializeToString(), optimization="disabled")
     except Exception as exc:  # noqa: BLE001
         return f"onnxruntime refuses it ({describe(exc, 200)})"
     names = [o.name for o in sa.get_outputs()]
     for feeds in feeds_list:
         try:
-            ra, rb = sa.run(None, feeds), sb.run(None, feeds)
+            ra = sa.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001
+            return f"{SOURCE_FAILS} fails to run in onnxruntime ({describe(exc, 200)})"
+        try:
+            rb = sb.run(None, feeds)
         except Exception as exc:  # noqa: BLE001
             return f"it fails to run ({describe(exc, 200)})"
         rep = compare(dict(zip(names, ra)), dict(zip(names, rb)), atol, rtol)

@@ -178,6 +178,9 @@ def compare_arrays(ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
         else:
             eq = r == c
         eq = np.atleast_1d(eq)
+        if eq.size == 0:                     # empty outputs agree when their shapes do
+            return OutputParity(rn, cn, list(r.shape), r.dtype.name, True, agreement=1.0,
+                                note=note)
         flat_eq = eq.reshape(len(eq), -1).all(axis=1) if eq.ndim > 1 else eq
         mism = np.flatnonzero(~flat_eq)
         ties = _ties(mism, ref_all or {}) if mism.size else 0
@@ -208,7 +211,7 @@ def compare_arrays(ref: np.ndarray, cand: np.ndarray, atol: float | None = None,
     nr, nc = np.linalg.norm(fr), np.linalg.norm(fc)
     cosine = float(fr @ fc / (nr * nc)) if nr > 0 and nc > 0 else (1.0 if nr == nc else 0.0)
     top1 = None
-    if r.ndim == 2 and r.shape[1] > 1:
+    if r.ndim == 2 and r.shape[1] > 1 and r.shape[0] > 0:
         top1 = float((np.nan_to_num(r64).argmax(axis=1) == np.nan_to_num(c64).argmax(axis=1)).mean())
     return OutputParity(
         rn, cn, list(r.shape), r.dtype.name, not bad.any(),

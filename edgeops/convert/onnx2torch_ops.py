@@ -1,6 +1,7 @@
 """Converters onnx2torch lacks, registered through its public `add_converter` hook: LSTM and GRU
 (recurrent speech/OCR/text models: 5 of the corpus models), QuantizeLinear/DequantizeLinear
-(QDQ int8 models). Imported by `convert.torch._import_onnx2torch`, after onnx2torch.
+(QDQ int8 models), and ops newer exports use: CastLike, Trilu, and the opset-18 reductions
+whose axes became an input. Imported by `convert.torch._import_onnx2torch`, after onnx2torch.
 
 * LSTM / GRU map onto torch.nn.LSTM / torch.nn.GRU (their weights reordered: ONNX gates are
   i,o,f,c and z,r,h; torch's are i,f,g,o and r,z,n), batch-first layouts, both directions,
@@ -202,6 +203,84 @@ def _qdq(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
                                     onnx_mapping=OnnxMapping(inputs=ins, outputs=node.output_values))
 
 
+class _CastLike(nn.Module, OnnxToTorchModule):
+    def forward(self, x, like):
+        return x.to(like.dtype)
+
+
+class _Trilu(nn.Module, OnnxToTorchModule):
+    def __init__(self, upper: bool):
+        super().__init__()
+        self.upper = upper
+
+    def forward(self, x, k=None):
+        diag = int(k.reshape(-1)[0]) if k is not None else 0
+        return torch.triu(x, diag) if self.upper else torch.tril(x, diag)
+
+
+_REDUCE = {
+    "ReduceMax": lambda x, d, k: torch.amax(x, dim=d, keepdim=k),
+    "ReduceMin": lambda x, d, k: torch.amin(x, dim=d, keepdim=k),
+    "ReduceMean": lambda x, d, k: torch.mean(x, dim=d, keepdim=k),
+    "ReduceProd": lambda x, d, k: _prod(x, d, k),
+    "ReduceL1": lambda x, d, k: torch.sum(torch.abs(x), dim=d, keepdim=k),
+    "ReduceL2": lambda x, d, k: torch.sqrt(torch.sum(x * x, dim=d, keepdim=k)),
+    "ReduceLogSum": lambda x, d, k: torch.log(torch.sum(x, dim=d, keepdim=k)),
+    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
+    "ReduceSumSquare": lambda x, d, k: torch.sum(x * x, dim=d, keepdim=k),
+}
+
+
+def _prod(x, dims, keep):
+    for d in sorted(dims, reverse=True):
+        x = torch.prod(x, dim=d, keepdim=keep)
+    return x
+
+
+class _ReduceAxesInput(nn.Module, OnnxToTorchModule):
+    """Opset-18 reductions: axes are an input (constant here), noop_with_empty_axes."""
+
+    def __init__(self, op: str, axes: list[int] | None, keepdims: bool, noop: bool):
+        super().__init__()
+        self.op, self.axes, self.keepdims, self.noop = op, axes, keepdims, noop
+
+    def forward(self, x):
+        if not self.axes:
+            if self.noop:
+                return x
+            dims = list(range(x.dim()))
+        else:
+            dims = [a % x.dim() for a in self.axes]
+        if not dims:                        # a scalar: reducing nothing
+            return _REDUCE[self.op](x.reshape(1), [0], False).reshape(()) if x.dim() == 0 else x
+        return _REDUCE[self.op](x, dims, self.keepdims)
+
+
+def _cast_like(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return OperationConverterResult(torch_module=_CastLike(), onnx_mapping=OnnxMapping(
+        inputs=tuple(node.input_values[:2]), outputs=node.output_values))
+
+
+def _trilu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return OperationConverterResult(
+        torch_module=_Trilu(bool(_attr(node, "upper", 1))),
+        onnx_mapping=OnnxMapping(inputs=tuple(v for v in node.input_values if v),
+                                 outputs=node.output_values))
+
+
+def _reduce18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    axes = None
+    if len(node.input_values) > 1 and node.input_values[1]:
+        t = _init(graph, node.input_values[1])
+        if t is None:
+            raise NotImplementedError(f"{node.operation_type} with computed axes")
+        axes = [int(a) for a in t.reshape(-1).tolist()]
+    module = _ReduceAxesInput(node.operation_type, axes, bool(_attr(node, "keepdims", 1)),
+                              bool(_attr(node, "noop_with_empty_axes", 0)))
+    return OperationConverterResult(torch_module=module, onnx_mapping=OnnxMapping(
+        inputs=(node.input_values[0],), outputs=node.output_values))
+
+
 _REGISTERED = False
 
 
@@ -213,7 +292,10 @@ def register() -> None:
         return
     wanted = [("LSTM", (7, 14), _recurrent), ("GRU", (7, 14), _recurrent),
               ("QuantizeLinear", (10, 13, 19, 21), _qdq),
-              ("DequantizeLinear", (10, 13, 19, 21), _qdq)]
+              ("DequantizeLinear", (10, 13, 19, 21), _qdq),
+              ("CastLike", (15, 19, 21, 23, 24, 25), _cast_like), ("Trilu", (14,), _trilu)]
+    wanted += [(op, (18, 20) if op in ("ReduceMax", "ReduceMin") else (18,), _reduce18)
+               for op in _REDUCE]
     for op, versions, fn in wanted:
         for v in versions:
             try:

@@ -498,6 +498,52 @@ def _covered(ops: set[str], opset: int) -> list[str]:
     return missing
 
 
+def _same_signature(a, b) -> bool:
+    return (sorted(a.attributes) == sorted(b.attributes)
+            and [i.name for i in a.inputs] == [i.name for i in b.inputs]
+            and [o.name for o in a.outputs] == [o.name for o in b.outputs])
+
+
+def _bridge_type_only_versions(ops: set[str], opset: int) -> list[str]:
+    """Newer opsets re-version many ops only to admit new element types (int4, float8,
+    bfloat16): same attributes, same inputs and outputs. Where onnx2torch has a converter
+    for an earlier version with the same signature, it is registered for the newer one too
+    (the conversion's parity check then decides, as for every op). Returns what was bridged."""
+    from onnx import defs
+    from onnx2torch.node_converters.registry import add_converter, get_converter
+
+    bridged = []
+    for op in sorted(ops):
+        try:
+            schema = defs.get_schema(op, opset, "")
+            get_converter(operation_type=op, version=opset, domain="")
+            continue
+        except NotImplementedError:
+            pass
+        except Exception:  # noqa: BLE001 - no such op in the default domain
+            continue
+        cur = schema
+        while cur.since_version > 1:
+            try:
+                prev = defs.get_schema(op, cur.since_version - 1, "")
+            except Exception:  # noqa: BLE001
+                break
+            if not _same_signature(prev, schema):
+                break
+            try:
+                conv = get_converter(operation_type=op, version=prev.since_version, domain="")
+            except NotImplementedError:
+                cur = prev
+                continue
+            try:
+                add_converter(operation_type=op, version=schema.since_version)(conv)
+            except ValueError:
+                pass                        # registered by an earlier call
+            bridged.append(f"{op}-{schema.since_version} as {op}-{prev.since_version}")
+            break
+    return bridged
+
+
 def _dynamic_clips(model) -> int:
     """Clip with a computed min/max (e.g. a dB floor of max(x) - 80) -> Min(Max(x, lo), hi),
     which onnx2torch converts (its Clip needs constant bounds). Same values by definition."""
@@ -629,6 +675,11 @@ def prepare_for_onnx2torch(model, feeds: dict[str, np.ndarray] | None = None):
     _tidy(m)
     have = _default_opset(m)
     ops = {n.op_type for n in _walk_nodes(m.graph) if n.domain in ("", "ai.onnx")}
+    bridged = _bridge_type_only_versions(ops, have)
+    if bridged:
+        notes.append("converted with the converter of an earlier version whose inputs, outputs "
+                     "and attributes are the same (the newer one only admits more types): " +
+                     ", ".join(bridged))
     if _covered(ops, have):
         import onnx
 
@@ -647,7 +698,9 @@ def prepare_for_onnx2torch(model, feeds: dict[str, np.ndarray] | None = None):
             notes.append(f"opset {target} tried: {why}")
     if feeds:
         why = normalize.verify_same(original, m, [feeds])
-        if why:
+        if why and why.startswith(normalize.SOURCE_FAILS):
+            notes.append(f"the normalisation is not verified: {why}")
+        elif why:
             raise ConversionError(f"normalising the model for onnx2torch changed it: {why}")
     return m, notes
 
@@ -676,6 +729,11 @@ def onnx_to_module(model, feeds: dict[str, np.ndarray] | None = None,
         raise ConversionError(f"onnx2torch cannot convert {what}", hint=_NO_CONVERTER_HINT) from exc
     except EdgeopsError:
         raise
+    except KeyError as exc:
+        name = exc.args[0] if exc.args else "?"
+        raise ConversionError(f"onnx2torch needs {name!r} as a constant (an initializer), but the "
+                              "model computes it or takes it as an input",
+                              hint="keep the model in ONNX (onnxruntime runs it)") from exc
     except Exception as exc:
         raise ConversionError(f"onnx2torch failed: {first_line(exc)}") from exc
 
