@@ -873,9 +873,10 @@ def analyze(model, shapes: dict[str, tuple] | None = None, resolve: bool = True)
 
 NCHWC_BLOCKS = (8, 16)
 # ops that keep onnxruntime's NCHWc layout when their input has it (nchwc_transformer.cc)
+# (Mul of two NCHWc tensors: the Sigmoid * x of SiLU, which onnxruntime fuses to QuickGelu)
 _NCHWC_PASS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "BatchNormalization",
                "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Add", "Sum", "Concat",
-               "Resize", "Upsample"}
+               "Resize", "Upsample", "Mul"}
 # data-movement ops: each run costs more setup than an elementwise kernel on a small tensor
 STRUCT_OPS = {"Slice", "Concat", "Transpose", "Gather", "GatherElements", "GatherND", "Split",
               "Pad", "Expand", "Tile", "Resize", "Upsample", "Where", "ScatterND",

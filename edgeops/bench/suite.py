@@ -222,14 +222,13 @@ def _small_ops(seed):
     g = _G("small_ops", seed)
     x = "x"
     for _ in range(6):
-        t = g.op("Transpose", [x], perm=[0, 2, 1])
-        a = g.op("Slice", [t, g.const(np.array([0], np.int64)), g.const(np.array([16], np.int64)),
-                           g.const(np.array([1], np.int64))])
-        b = g.op("Slice", [t, g.const(np.array([16], np.int64)), g.const(np.array([32], np.int64)),
-                           g.const(np.array([1], np.int64))])
-        c = g.op("Concat", [b, a], axis=1)
-        p = g.op("Pad", [c, g.const(np.array([0, 0, 1, 0, 0, 1], np.int64))])
-        s1, _s2 = g.op("Split", [p, g.const(np.array([24, 26], np.int64))], n_out=2, axis=2)
+        t = g.op("Transpose", [x], perm=[0, 2, 1])                      # [1, 32, 24]
+        one = g.const(np.array([1], np.int64))
+        a = g.op("Slice", [t, g.const(np.array([0], np.int64)), g.const(np.array([16], np.int64)), one])
+        b = g.op("Slice", [t, g.const(np.array([16], np.int64)), g.const(np.array([32], np.int64)), one])
+        c = g.op("Concat", [b, a], axis=1)                              # [1, 32, 24]
+        p = g.op("Pad", [c, g.const(np.array([0, 0, 1, 0, 0, 1], np.int64))])   # [1, 32, 26]
+        s1, _s2 = g.op("Split", [p, g.const(np.array([24, 2], np.int64))], n_out=2, axis=2)
         gi = g.op("Gather", [s1, g.const(np.arange(24)[::-1].copy())], axis=2)
         x = g.op("Transpose", [gi], perm=[0, 2, 1])
         x = g.op("Expand", [x, g.const(np.array([1, 24, 32], np.int64))])
