@@ -200,6 +200,34 @@ def quantized_reference(fmt: str, path: str | Path, feeds: dict[str, np.ndarray]
     return QuantizedReference(tol, literal, notes)
 
 
+def run_on(runner: Runner, feeds: dict[str, np.ndarray], generated: bool) -> dict[str, np.ndarray]:
+    """RUNNER on FEEDS; a model that fails on them is one UsageError naming the failing node
+    and, for generated inputs, the values that were guessed (an integer scalar such as a
+    sample rate that must be 8000 or 16000 cannot be guessed) and how to give real ones."""
+    from .agent.ort import describe, failing_node
+    from .errors import EdgeopsError
+
+    try:
+        return runner.run(adapt_feeds(feeds, runner.signature))
+    except EdgeopsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model's own failure, one line
+        node = failing_node(exc)
+        where = f" at node {node[1]!r} ({node[0]})" if node else ""
+        why = describe(exc, 200)
+        if " Status Message: " in why:
+            why = why.split(" Status Message: ", 1)[1]
+        if not generated:
+            raise UsageError(f"the model fails on the given inputs{where}: {why}",
+                             hint="check the inputs' shapes, dtypes and value ranges") from exc
+        guessed = [f"{k}={np.asarray(v).reshape(-1)[0].item()!r}" for k, v in feeds.items()
+                   if np.asarray(v).dtype.kind in "iub" and np.asarray(v).size <= 4]
+        note = (f"; generated integer values are a guess ({', '.join(guessed)})" if guessed else "")
+        raise UsageError(f"the model fails on generated inputs{where}: {why}{note}",
+                         hint="pass real inputs with --inputs data.npz (keyed by input name), "
+                              "or concrete shapes with --shape NAME=D1,D2,...") from exc
+
+
 def batch_size(inputs: dict[str, np.ndarray]) -> int:
     for v in inputs.values():
         return int(v.shape[0]) if np.ndim(v) else 1

@@ -246,6 +246,46 @@ def test_key_rotation_reaches_devices_through_the_bundle(setup, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
+def _vad_like(path: Path) -> Path:
+    """A VAD-like model: audio [1, 1536] and a scalar int64 sample rate that only works at
+    8000 or 16000 (frames of sr // 500 samples): generated inputs cannot guess it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Div", ["sr", "k500"], ["flen"], name="frame_len"),
+             helper.make_node("Unsqueeze", ["flen", "ax0"], ["flen1"], name="flen_1d"),
+             helper.make_node("Concat", ["minus1", "flen1"], ["shape"], axis=0, name="frame_shape"),
+             helper.make_node("Reshape", ["x", "shape"], ["framed"], name="frame_reshape", allowzero=1),
+             helper.make_node("ReduceMean", ["framed"], ["energy"], keepdims=0, axes=[1], name="energy")]
+    g = helper.make_graph(nodes, "vadlike",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1536]),
+                           helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("energy", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.array(500, np.int64), "k500"),
+                           numpy_helper.from_array(np.array([0], np.int64), "ax0"),
+                           numpy_helper.from_array(np.array([-1], np.int64), "minus1")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_model_failing_on_generated_inputs_is_one_line(home, tmp_path):
+    """A model whose integer scalar input cannot be guessed (a sample rate) was exit 70:
+    now one line naming the failing node, saying the value was a guess, suggesting --inputs."""
+    model = _vad_like(tmp_path / "vad.onnx")
+    for cmd in (["keys", "generate", "ops"], ["trust", "init", "--key", "ops"],
+                ["registry", "add", model, "--name", "vad"]):
+        assert _cli(*cmd).returncode == 0
+    r = _cli("bundle", "build", "vad:0.1.0", "--target", "rpi4", "--key", "ops", "-o", tmp_path / "v.bundle")
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "'frame_reshape' (Reshape)" in err[0] and "a guess (sr=" in err[0]
+    assert "--inputs" in r.stderr and "Traceback" not in r.stderr
+    np.savez(tmp_path / "real.npz", x=np.zeros((1, 1536), np.float32), sr=np.array(16000))
+    r = _cli("bundle", "build", "vad:0.1.0", "--target", "rpi4", "--key", "ops", "-o", tmp_path / "v.bundle",
+             "--inputs", tmp_path / "real.npz")
+    assert r.returncode == 0, r.stderr
+
+
 def test_cli_end_to_end(home, tmp_path):
     model = _model(tmp_path / "cli.onnx")
     for cmd in (["keys", "generate", "ops"], ["trust", "init", "--key", "ops"],

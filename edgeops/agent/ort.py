@@ -16,6 +16,7 @@ from pathlib import Path
 _PREFIX = re.compile(r"^(\w+: )?\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
 _LOAD = re.compile(r"Load model from .*? failed:\s*", re.S)
 _IN_NODE = re.compile(r'In Node, \("([^"]*)", ([\w.]+), "[^"]*", -?\d+\) : \(.*?\) -> \(.*?\) ?, Error ')
+_SRC = re.compile(r"/onnxruntime_src/\S+:\d+ ")
 _NODE_RUN = re.compile(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)'")
 
 
@@ -27,7 +28,7 @@ def session(model: str | Path | bytes, threads: int | None = None, *, optimizati
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4       # errors come back as exceptions; no second copy on stderr
     if threads:
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
@@ -52,6 +53,13 @@ def describe(exc: BaseException, limit: int = 400) -> str:
     text = text.replace("This is an invalid model.", "").strip()
     text = " ".join(text.split())
     text = _IN_NODE.sub(lambda m: f'node "{m.group(1)}" ({m.group(2)}): ', text)
+    # kernel messages: "<source>.h:61 <C++ signature> <check> was false. <what>" -> "<what>"
+    text = _SRC.sub(lambda m: "", text)
+    if " was false. " in text:
+        head, _, tail = text.partition(" Status Message: ")
+        body = tail or head
+        body = body.split(" was false. ", 1)[1]
+        text = (head + " Status Message: " + body) if tail else body
     return text[:limit] + ("..." if len(text) > limit else "")
 
 

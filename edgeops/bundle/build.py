@@ -106,7 +106,7 @@ def _reference(model: Path, proto, inputs: Path | None, shapes: dict | None, ato
     else:
         feeds = verify.make_inputs(runner.signature, shapes or {}, seed=0, batch=1)
         source = "generated (seed 0, batch 1)"
-    outs = runner.run(feeds)
+    outs = verify.run_on(runner, feeds, generated=inputs is None)
     quantized = bool({n.op_type for n in onnx_fmt.walk_nodes(proto.graph)} & QUANT_OPS)
     # fp16 weights: devices with fp16 arithmetic (ARMv8.2+) compute in half precision, x86 in fp32
     fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)

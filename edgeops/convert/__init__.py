@@ -242,15 +242,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
     else:
         feeds = V.make_inputs(ref.signature, opts.shapes)
         input_source = "generated (seed 0)"
-    try:
-        ref_out = ref.run(V.adapt_feeds(feeds, ref.signature))
-    except EdgeopsError:
-        raise
-    except Exception as exc:
-        raise UsageError(
-            f"the source model fails on the {'given' if inputs is not None else 'generated'} "
-            f"inputs: {first_line(exc)}",
-            hint="check --inputs, or give concrete shapes with --shape NAME=D1,D2,...") from exc
+    ref_out = V.run_on(ref, feeds, generated=inputs is None)
     first_out = ref_out
 
     report = ConvertReport(str(src), src_info.id, src_sha, str(dst), dst_info.id,
