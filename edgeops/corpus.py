@@ -43,10 +43,21 @@ class CorpusModel:
         """The feed's concrete input shapes (what `--shape` would say)."""
         return {k: tuple(v["shape"]) for k, v in self.feed.items()}
 
-    def shape_args(self) -> list[str]:
-        """`--shape NAME=D1,D2` options for the CLI (scalars have no shape to give)."""
+    def shapes_for(self, signature) -> dict[str, tuple[int, ...]]:
+        """The feed's shapes keyed by the names SIGNATURE uses (edgeops names TFLite inputs
+        after their SignatureDef, the manifest after the tensors: matched by position)."""
+        names = [s.name for s in signature.inputs]
+        feed = list(self.shapes.items())
+        if all(k in names for k, _ in feed) or len(names) != len(feed):
+            return {k: v for k, v in feed if k in names}
+        return {n: v for n, (_, v) in zip(names, feed)}
+
+    def shape_args(self, signature=None) -> list[str]:
+        """`--shape NAME=D1,D2` options for the CLI (scalars have no shape to give); names as
+        SIGNATURE (edgeops' view of the model) has them when given."""
+        shapes = self.shapes_for(signature) if signature is not None else self.shapes
         out = []
-        for k, shape in self.shapes.items():
+        for k, shape in shapes.items():
             if shape:
                 out += ["--shape", f"{k}={','.join(map(str, shape))}"]
         return out

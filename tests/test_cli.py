@@ -133,4 +133,4 @@ def test_inputs_that_do_not_fit_exit_2(tmp_path):
     np.savez(tmp_path / "wrong.npz", x=np.zeros((3, 5), np.float32))   # the model takes [N, 4]
     r = edgeops("convert", p, "-o", tmp_path / "m.pt", "--inputs", tmp_path / "wrong.npz")
     assert r.returncode == 2, r.stderr
-    assert "the source model fails on the given inputs" in r.stderr and "Traceback" not in r.stderr
+    assert "the model fails on the given inputs" in r.stderr and "Traceback" not in r.stderr

@@ -262,8 +262,13 @@ def test_convert(name, target, work):
     m = corpus.get(name)
     out = work / "convert" / f"{name}{SUFFIX[target]}"
     out.parent.mkdir(exist_ok=True)
+    shapes = m.shapes
+    if m.format in ("tflite", "onnx"):
+        from edgeops.formats import signature
+
+        shapes = m.shapes_for(signature(m.path))
     code, rep = convert_like_the_cli(m.path, out, target,
-                                     {k: tuple(v) for k, v in m.shapes.items() if v},
+                                     {k: tuple(v) for k, v in shapes.items() if v},
                                      trust_pickle=m.format == "pickle")
     got = "ok" if code == 0 else "gate" if code == 1 else f"refused ({rep[:90]})"
     RESULTS.append((name, f"-> {target}", got + (f" ({rep.message[:80]})" if code == 1 else "")))

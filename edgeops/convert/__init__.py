@@ -186,7 +186,7 @@ def _hop_parity(dst: Path, fmt: str, opts: LoadOptions, inputs, ref_out, atol, r
                 tolerances: dict | None = None, literal: bool = False):
     """Verify one hop's output against the hop input's outputs (already computed). LITERAL
     runs the result with its format's reference kernels when it has them (a quantized
-    model's literal arithmetic, see verify.quantized_reference)."""
+    model's literal arithmetic, see verify.source_reference)."""
     try:
         ref_runner = getattr(fmts.module_for(fmt), "reference_runner", None) if literal else None
         cand = ref_runner(dst, fmt, opts) if ref_runner else _runner(dst, fmt, opts)
@@ -258,14 +258,18 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
             _remove(out_path)
             # keyed by this hop's input names (a previous hop may have renamed them)
             hop_feeds = V.adapt_feeds(feeds, hop_sig)
+            h_atol = atol if atol is not None else edge.atol
+            h_rtol = rtol if rtol is not None else edge.rtol
             quant = None
-            if atol is None:            # a quantized hop input: its literal arithmetic, in steps
-                quant = V.quantized_reference(edge.source, hop_src, hop_feeds, ref_out, opts)
+            if atol is None:            # tolerances the source's own numerics justify
+                quant = V.source_reference(edge.source, hop_src, hop_feeds, ref_out, h_atol,
+                                           h_rtol, opts)
             qtol = quant.tolerances if quant else {}
             if quant and i == 0:
                 source_qtol.update(qtol)
-                first_out = quant.outputs   # end to end, too, against the literal arithmetic
+                first_out = quant.outputs   # end to end, too, against the same reference
             hop_ref = quant.outputs if quant else ref_out
+            literal = bool(quant and quant.quantized)
             ctx = ConvertContext(edge.source, edge.target, hop_sig, hop_feeds, workdir, opset,
                                  precision, opts, dict(options or {}), qtol)
             say(f"[{i + 1}/{len(route)}] {edge.source} -> {edge.target} ({edge.tool})")
@@ -280,12 +284,10 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
                     f"{first_line(exc)}",
                     hint="run with --debug for the converter's traceback") from exc
             seconds = time.perf_counter() - t0
-            h_atol = atol if atol is not None else edge.atol
-            h_rtol = rtol if rtol is not None else edge.rtol
             if quant:
                 info["tolerances"] = quant.notes
             parity, out = _hop_parity(out_path, edge.target, opts, feeds, hop_ref,
-                                      h_atol, h_rtol, input_source, qtol, literal=bool(quant))
+                                      h_atol, h_rtol, input_source, qtol, literal=literal)
             if parity.status == "failed" and parity.permutation and edge.target == "onnx":
                 # the converter wrote the outputs under each other's names: put the names
                 # back where the values are, and verify again
@@ -293,7 +295,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
                 info["outputs_renamed"] = renamed
                 say(f"      outputs were permuted ({parity.reason}); renamed and re-checked")
                 parity, out = _hop_parity(out_path, edge.target, opts, feeds, hop_ref,
-                                          h_atol, h_rtol, input_source, qtol, literal=bool(quant))
+                                          h_atol, h_rtol, input_source, qtol, literal=literal)
             report.hops.append(HopReport(edge.source, edge.target, edge.tool, str(out_path),
                                          round(seconds, 3), parity, info))
             say(f"      parity: {parity.summary()}")
@@ -312,7 +314,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None,
                                           source_qtol)
             if report.status == "passed":
                 src_ref = ref
-                if source_qtol:              # quantized source: its literal arithmetic
+                if source_qtol and _quantized_source(report):   # its literal arithmetic
                     src_ref = fmts.module_for(src_info.id).reference_runner(src, src_info.id, opts)
                 _check_other_shapes(report, src_ref, feeds, dst, dst_info.id, opts, atol, rtol,
                                     source_qtol, say)
@@ -358,6 +360,10 @@ def _final_status(report: ConvertReport, first_out, last_out, atol, rtol, input_
     return "passed"
 
 
+def _quantized_source(report: ConvertReport) -> bool:
+    return any("quantized source" in n for n in (report.hops[0].info or {}).get("tolerances", []))
+
+
 def _check_other_shapes(report: ConvertReport, ref, feeds, dst: Path, fmt: str, opts: LoadOptions,
                         atol, rtol, qtol: dict, say) -> None:
     """The result is checked against the source at every other shape its signature accepts
@@ -370,7 +376,8 @@ def _check_other_shapes(report: ConvertReport, ref, feeds, dst: Path, fmt: str, 
 
     own = replace(opts, shapes={})         # the result's own declared dims, not the --shape given
     try:
-        ref_runner = getattr(fmts.module_for(fmt), "reference_runner", None) if qtol else None
+        ref_runner = getattr(fmts.module_for(fmt), "reference_runner", None) \
+            if _quantized_source(report) else None
         cand = ref_runner(dst, fmt, own) if ref_runner else _runner(dst, fmt, own)
     except EdgeopsError:
         return                              # not executable here: already reported as such

@@ -276,6 +276,9 @@ def graphdef_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
 
 
 
+_STATE_OPS = {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE"}
+
+
 def tflite_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
     """TFLite flatbuffer -> ONNX with tf2onnx's TFLite frontend. ONNX inputs/outputs
     are renamed (by position) to the names the TFLite runner uses, so verify matches
@@ -287,6 +290,18 @@ def tflite_to_onnx(src: Path, dst: Path, ctx: ConvertContext) -> dict:
     from ..formats import tflite as tflite_fmt
 
     sig = tflite_fmt.signature(Path(src), "tflite", ctx.load)
+    ops = tflite_fmt.read_model(Path(src))["ops"]
+    state = sorted(o for o in ops if o in _STATE_OPS)
+    if state:
+        raise ConversionError(
+            f"{tool} cannot convert a TFLite model that keeps state in resource variables "
+            f"({', '.join(state)}): ONNX carries state as explicit inputs and outputs",
+            hint="export the streaming model with its state as inputs/outputs, or keep it in TFLite")
+    if "DENSIFY" in ops:
+        raise ConversionError(
+            f"{tool} cannot convert sparse weights ({ops['DENSIFY']} DENSIFY op(s)): its TFLite "
+            "frontend reads them as dense tensors of the wrong size",
+            hint="export the model without sparsity, or keep it in TFLite")
     opset = ctx.opset or DEFAULT_OPSET
     with _tf2onnx_log() as records:
         try:
