@@ -782,6 +782,35 @@ def require_safe_pickle(path: str | Path, trust: bool = False, allow_extra=()) -
     return _check(path, data, trust, allow_extra)[0]
 
 
+_SKLEARN_VERSION = re.compile(rb"_sklearn_version.{1,8}?(\d+\.\d+(?:\.\d+)?)", re.S)
+
+
+def _load_failure(path: Path, exc: BaseException) -> FormatError:
+    """A pickle that does not load. When scikit-learn wrote it and the installed one differs
+    (classes move and disappear between releases), say which versions."""
+    what = f"{type(exc).__name__}: {str(exc)[:160]}"
+    written = None
+    try:
+        raw, _, _ = decompress(path.read_bytes())
+        m = _SKLEARN_VERSION.search(raw)
+        written = m.group(1).decode() if m else None
+    except Exception:  # noqa: BLE001 - the version is a bonus
+        pass
+    if written and isinstance(exc, (AttributeError, ModuleNotFoundError, ImportError)):
+        try:
+            from importlib.metadata import version
+
+            have = version("scikit-learn")
+        except Exception:  # noqa: BLE001
+            have = "?"
+        if have != written:
+            return FormatError(f"{path}: written by scikit-learn {written}, which this "
+                               f"scikit-learn {have} cannot rebuild ({what})",
+                               hint=f"load it with scikit-learn=={written} and re-save it, or "
+                                    "convert it to ONNX there")
+    return FormatError(f"{path}: cannot load the pickle ({what})")
+
+
 def safe_load(path: str | Path, trust: bool = False, allow_extra=()):
     """Load a pickle or joblib file behind both checks: the static scan, then joblib's
     unpickler restricted to the same allow-list, over the same bytes. trust=True is a
@@ -794,8 +823,7 @@ def safe_load(path: str | Path, trust: bool = False, allow_extra=()):
         try:
             return joblib.load(path)
         except Exception as exc:
-            raise FormatError(f"{path}: cannot load the pickle ({type(exc).__name__}: "
-                              f"{str(exc)[:160]})") from exc
+            raise _load_failure(path, exc) from exc
     try:
         data = path.read_bytes()
     except OSError as exc:
