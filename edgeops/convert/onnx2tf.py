@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -189,6 +190,44 @@ def _reason(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
+_TF_NAME = re.compile(r"[^A-Za-z0-9_.\\/>-]")
+
+
+def _tf_safe_names(model, renamed: dict | None = None) -> int:
+    """Node names TensorFlow accepts as scope names (leading "/" dropped, other characters
+    replaced); graph inputs and outputs whose names TensorFlow refuses (an output named by a
+    JSON string) get safe names too, recorded in RENAMED (they are matched by position
+    afterwards). Returns how many names changed."""
+    from ..normalize import rename_tensor
+
+    used = {n.name for n in model.graph.node}
+    changed = 0
+    tensors = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    for k, v in enumerate(list(model.graph.input) + list(model.graph.output)):
+        if re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.\\/>-]*", v.name):
+            continue
+        safe = _TF_NAME.sub("_", v.name).strip("_") or f"io_{k}"
+        safe = safe if re.match(r"[A-Za-z]", safe) else f"t_{safe}"
+        while safe in tensors:
+            safe += "_"
+        tensors.add(safe)
+        if renamed is not None:
+            renamed[v.name] = safe
+        rename_tensor(model, v.name, safe)
+        changed += 1
+    for k, n in enumerate(model.graph.node):
+        name = _TF_NAME.sub("_", n.name.lstrip("/"))
+        if name and not re.match(r"[A-Za-z0-9.]", name[0]):
+            name = "n" + name
+        if name != n.name:
+            while name in used:
+                name += "_"
+            used.add(name)
+            n.name = name or f"node_{k}"
+            changed += 1
+    return changed
+
+
 def _run(src: Path, ctx: ConvertContext) -> tuple[Path, dict]:
     """Run onnx2tf once into a fresh folder under ctx.workdir; return it and the facts."""
     onnx = extras.require("onnx", "onnx2tf", "ONNX -> TensorFlow")
@@ -207,9 +246,16 @@ def _run(src: Path, ctx: ConvertContext) -> tuple[Path, dict]:
             hint="replace those ops in the model, or convert the source model to TensorFlow "
                  "directly")
     keep_layout = _layout_inputs(model)
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    renamed: dict[str, str] = {}
+    if _tf_safe_names(model, renamed):
+        keep_layout = [renamed.get(n, n) for n in keep_layout] if keep_layout else keep_layout
+        # TensorFlow scope names must match ^[A-Za-z0-9.][A-Za-z0-9_.\/>-]*$: torch exports
+        # name nodes "/block/Conv", and onnx2tf then fails writing the SavedModel
+        src = Path(tempfile.mkdtemp(prefix="onnx2tf-src-", dir=ctx.workdir)) / Path(src).name
+        onnx.save(model, str(src))
     del model
 
-    ctx.workdir.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="onnx2tf-", dir=ctx.workdir))
     t0 = time.perf_counter()
     with _captured() as log:
@@ -239,6 +285,9 @@ def _run(src: Path, ctx: ConvertContext) -> tuple[Path, dict]:
                   else "no rank 3-5 inputs (no layout change)",
         "onnx2tf_seconds": round(seconds, 2),
     }
+    if renamed:
+        facts["note"] = ("names TensorFlow refuses were replaced (matched by position): " +
+                         ", ".join(f"{a[:40]!r} -> {b!r}" for a, b in renamed.items()))
     return out, facts
 
 
