@@ -26,16 +26,10 @@ def default_opset(model) -> int:
 
 
 def _graphs(graph):
-    from onnx import AttributeProto
+    """Every graph: the main one and every If/Loop/Scan body."""
+    from .formats.onnx import all_graphs
 
-    yield graph
-    for n in graph.node:
-        for a in n.attribute:
-            if a.type == AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _graphs(g)
+    return (g for g, _ in all_graphs(graph))
 
 
 def initializers_out_of_inputs(model) -> int:

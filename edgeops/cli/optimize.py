@@ -195,6 +195,16 @@ def _refuse_for_quantize(**given) -> None:
                          f"{'it' if len(used) == 1 else 'them'}")
 
 
+def _outcome(out, r, verified: str) -> None:
+    """The last lines of a quantize or prune report: what was written, or why not."""
+    if r.passed:
+        out.print(f"[green]ok[/]: wrote {_esc(r.output)}{verified}")
+    else:
+        out.print(f"[bold red]FAILED[/]: {_esc(r.failure)}")
+        out.print(f"best attempt (do not ship): {_esc(r.rejected_output)}")
+    out.print(f"report: {_esc(r.report_path)}")
+
+
 def _names(names: list[str], limit: int = 8) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -272,12 +282,7 @@ def _render(r) -> None:
     for msg in r.warnings:
         if "NOT FASTER" in msg or "SLOWER" in msg or msg.startswith("auto:"):
             out.print(f"[bold yellow]{_esc(msg.split(' -- measured:')[0])}[/]")
-    if r.passed:
-        out.print(f"[green]ok[/]: wrote {_esc(r.output)}")
-    else:
-        out.print(f"[bold red]FAILED[/]: {_esc(r.failure)}")
-        out.print(f"best attempt (do not ship): {_esc(r.rejected_output)}")
-    out.print(f"report: {_esc(r.report_path)}")
+    _outcome(out, r, "")
 
 
 def _render_prune(r) -> None:
@@ -327,12 +332,7 @@ def _render_prune(r) -> None:
         out.print(f"[bold yellow]{_esc(w)}[/]")
     if r.max_drop is not None:
         out.print(f"budget: max drop {_pct(r.max_drop)} of {r.metric}")
-    if r.passed:
-        out.print(f"[green]ok[/]: wrote {_esc(r.output)} (verified: runs, same signature)")
-    else:
-        out.print(f"[bold red]FAILED[/]: {_esc(r.failure)}")
-        out.print(f"best attempt (do not ship): {_esc(r.rejected_output)}")
-    out.print(f"report: {_esc(r.report_path)}")
+    _outcome(out, r, " (verified: runs, same signature)")
 
 
 def _flops(n: int | None) -> str:

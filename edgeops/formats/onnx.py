@@ -269,6 +269,20 @@ def count_params(graph) -> dict[str, int]:
     return counts
 
 
+def all_graphs(graph, depth: int = 0):
+    """(graph, depth) for a graph and every If/Loop/Scan body inside it, depth-first."""
+    from onnx import AttributeProto
+
+    yield graph, depth
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == AttributeProto.GRAPH:
+                yield from all_graphs(a.g, depth + 1)
+            elif a.type == AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from all_graphs(g, depth + 1)
+
+
 def walk_nodes(graph):
     """Every node of a graph, including those inside If/Loop/Scan subgraphs."""
     from onnx import AttributeProto

@@ -20,28 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConversionError, first_line
-from ..formats.onnx import walk_nodes
+from ..formats.onnx import all_graphs, walk_nodes  # noqa: F401 (all_graphs: callers use graph.all_graphs)
 
 FLOAT_TYPES = (1, 10, 11, 16)          # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 QUANT_CONSUMERS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear"}
-
-
-def _subgraphs(node):
-    from onnx import AttributeProto
-
-    for a in node.attribute:
-        if a.type == AttributeProto.GRAPH:
-            yield a.g
-        elif a.type == AttributeProto.GRAPHS:
-            yield from a.graphs
-
-
-def all_graphs(graph, depth: int = 0):
-    """(graph, depth) for the main graph and every nested body."""
-    yield graph, depth
-    for n in graph.node:
-        for g in _subgraphs(n):
-            yield from all_graphs(g, depth + 1)
 
 
 def name_nodes(model) -> int:
