@@ -769,7 +769,10 @@ def _symbolic_shapes(model, notes: list[str]) -> dict[str, list[int]]:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        from ..paths import scratch_cwd
+
+        with scratch_cwd():     # it leaves files in the cwd when inference is incomplete
+            out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     except Exception as exc:  # noqa: BLE001 - it gives up on some graphs: the run comes next
         notes.append(f"symbolic shape inference failed: {str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}")
         return {}

@@ -62,6 +62,7 @@ def prepare(src: Path, workdir: Path, feeds_list: list[dict] | None = None,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from .. import normalize
+    from ..paths import scratch_cwd
 
     model = onnx.load(str(src))
     notes = []
@@ -108,7 +109,8 @@ def prepare(src: Path, workdir: Path, feeds_list: list[dict] | None = None,
     last = None
     for kwargs, what in attempts:
         try:
-            quant_pre_process(str(staged), str(out), **kwargs)
+            with scratch_cwd():     # symbolic inference leaves files in the cwd on failure
+                quant_pre_process(str(staged.resolve()), str(out.resolve()), **kwargs)
             m = onnx.load(str(out))
             name_nodes(m)      # the optimizer may add unnamed nodes
             onnx.save(m, str(out))
