@@ -240,7 +240,8 @@ def load_dataset(path: str | Path, signature: Signature, labels_key: str | None 
         n = next(iter(ns.values()))
         if n == 0:
             raise UsageError(f"{path}: no samples")
-        chunks = [{k: v[i] for k, v in feeds.items()} for i in range(n)]
+        # np.asarray: a stacked scalar input indexes to a numpy scalar, which onnxruntime refuses
+        chunks = [{k: np.asarray(v[i]) for k, v in feeds.items()} for i in range(n)]
         axes = batch_axes(signature)
         rows = [_rows(c, axes) for c in chunks]
         desc = (f"stacked: {n} samples on a new axis 0, each one inference of "
