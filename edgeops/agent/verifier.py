@@ -674,6 +674,24 @@ class _Roots:
         return _read(self.f, e, self.limits.max_root_bytes, e.name)
 
 
+def peek(path: str | Path, limits: Limits = Limits()) -> tuple[list[Entry], dict]:
+    """The archive's entries and its manifest envelope, NOT verified: for showing a bundle and
+    for preflight estimates only (space, name); every decision is taken on verify_bundle's
+    result. Raises Refused when the file is not a readable bundle."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused("archive", "not a regular file")
+        entries = scan_archive(f, st.st_size, limits)
+        if not entries or entries[0].name != MANIFEST:
+            raise Refused("archive", f"the first entry must be {MANIFEST}")
+        env = parse_canonical(_read(f, entries[0], limits.max_metadata_bytes, MANIFEST), MANIFEST)
+    if not isinstance(env, dict) or not isinstance(env.get("signed"), dict):
+        raise Refused("metadata", "manifest.json has no signed part")
+    return entries, env
+
+
 def verify_bundle(path: str | Path, trusted: Root, *, target: str | None, installed: Installed | None,
                   now: datetime | None = None, allow_same_version: bool = False,
                   extract_to: str | Path | None = None, limits: Limits = Limits()) -> VerifyResult:

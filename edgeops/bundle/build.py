@@ -325,18 +325,11 @@ def inspect(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such bundle")
-    with open(path, "rb") as f:
-        try:
-            entries = v.scan_archive(f, path.stat().st_size)
-            if not entries or entries[0].name != v.MANIFEST:
-                raise v.Refused("archive", f"the first entry must be {v.MANIFEST}")
-            f.seek(entries[0].offset)
-            env = v.parse_canonical(f.read(min(entries[0].size, v.Limits().max_metadata_bytes)), v.MANIFEST)
-        except v.Refused as exc:
-            raise UsageError(f"{path}: not a readable bundle: {exc}") from None
-    signed = env.get("signed") if isinstance(env, dict) else None
-    if not isinstance(signed, dict):
-        raise UsageError(f"{path}: manifest.json has no signed part")
+    try:
+        entries, env = v.peek(path)
+    except v.Refused as exc:
+        raise UsageError(f"{path}: not a readable bundle: {exc}") from None
+    signed = env["signed"]
     return {"path": str(path), "size": path.stat().st_size, "sha256": _sha256(path),
             "entries": [{"name": e.name, "size": e.size} for e in entries],
             "signatures": [s.get("keyid") for s in (env.get("signatures") if isinstance(env.get("signatures"), list)

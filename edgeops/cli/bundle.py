@@ -294,7 +294,14 @@ def bundle_verify(path, trust_dir, target, installed_version, installed_counter,
         if res.ok and health:
             from ..agent import health as h
 
+            from ..agent.install import health_verdict
+
             report["health"] = h.run(work / "payload", res.manifest)
+            verdict = health_verdict(report["health"])     # the device's own naming (HEALTH / SLO)
+            if verdict:
+                report["reason"], report["message"] = verdict
+        elif not res.ok:
+            report["reason"] = "VERIFY"
         ok = res.ok and report.get("health", {}).get("passed", True)
         # a newer root is kept only when the device would install: verified AND healthy
         if ok and update_trust and res.root_updates:
@@ -347,6 +354,8 @@ def _render_verify(res, report) -> None:
             s = hr["slo"]
             o.print(f"    SLO {s['percentile']} {s['measured_ms']:.3f} ms <= {s['limit_ms']} ms: "
                     f"{'ok' if s['passed'] else 'BREACHED'}")
+    if report.get("reason"):
+        _err().print(f"  a device would refuse it: {report['reason']}: {_esc(report['message'])}")
 
 
 @bundle.command("inspect")

@@ -1,0 +1,267 @@
+"""The device agent on its own: the install transaction, A/B slots, crash recovery and rollback,
+run as the device runs it -- the agent package copied alone (edgeops import-blocked) and
+driven through its JSON command line in a real process, on real signed bundles of real ONNX
+models. Crashes are real SIGKILLs at every step boundary. (Over SSH: test_deploy.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeops.agent import install as I
+from edgeops.agent import verifier as v
+from edgeops.bundle import build as b, keys, trust
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_bundle import _model  # noqa: E402
+
+BLOCK = """
+import sys, runpy
+sys.path[:] = [p for p in sys.path if 'edgeops' not in p and p not in ('', '.')]
+sys.path.insert(0, {pkg_parent!r})
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == 'edgeops' or name.startswith('edgeops.'):
+            raise ImportError('edgeops is not on the device')
+sys.meta_path.insert(0, Block())
+sys.argv = ['devagent'] + {argv!r}
+runpy.run_module('devagent', run_name='__main__', alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Keys, a trust root, a registry with three versions of one model and one of another,
+    and their bundles for target `host` (this machine's ISA)."""
+    from edgeops.registry import open_registry
+
+    base = tmp_path_factory.mktemp("agent")
+    old = os.environ.get("EDGEOPS_HOME")
+    os.environ["EDGEOPS_HOME"] = str(base / "home")
+    try:
+        keys.generate("release")
+        signer = keys.load_signing("release")
+        trust.init(trust.default_dir(), [signer], [signer.public_key], 1, 1,
+                   datetime.now(timezone.utc) + timedelta(days=30))
+        reg = open_registry()
+        out = {}
+        for i, ver in enumerate(("1.0.0", "1.1.0", "1.2.0")):
+            reg.add(_model(base / f"m{i}.onnx", seed=i), "clf", version=ver)
+            out[ver] = b.build(f"clf:{ver}", "host", [signer], base / f"clf-{ver}.bundle").path
+        reg.add(_model(base / "o.onnx", seed=9), "other", version="1.0.0")
+        out["other"] = b.build("other:1.0.0", "host", [signer], base / "other.bundle").path
+        out["slo"] = b.build("clf:1.2.0", "host", [signer], base / "slo.bundle", slo_ms=1e-6).path
+        out["rpi4"] = b.build("clf:1.2.0", "rpi4", [signer], base / "rpi4.bundle").path
+        out["wrong-ref"] = _resign(out["1.2.0"], base / "wrong-ref.bundle", signer, _wrong_reference)
+        yield {"bundles": out, "trust": trust.default_dir(), "signer": signer, "base": base}
+    finally:
+        if old is None:
+            os.environ.pop("EDGEOPS_HOME", None)
+        else:
+            os.environ["EDGEOPS_HOME"] = old
+
+
+def _wrong_reference(manifest: dict, members: dict) -> None:
+    """Reference outputs that this model does not produce (a build from the wrong model),
+    signed properly: only the device's health check can catch it."""
+    name = manifest["health"]["expected"]["y"]["file"]
+    arr = np.load(io.BytesIO(members[name]), allow_pickle=False)
+    buf = io.BytesIO()
+    np.save(buf, np.roll(arr, 1, axis=-1), allow_pickle=False)
+    members[name] = buf.getvalue()
+
+
+def _resign(src: Path, out: Path, signer, edit) -> Path:
+    entries, env = v.peek(src)
+    data = src.read_bytes()
+    members = {e.name: data[e.offset:e.offset + e.size] for e in entries[1:]}
+    manifest = json.loads(json.dumps(env["signed"]))
+    edit(manifest, members)
+    for n, blob in members.items():
+        if n in manifest["files"]:
+            manifest["files"][n] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(blob)}
+    envelope = trust.sign_envelope(v.BUNDLE_TYPE, manifest, [signer])
+    with open(out, "wb") as f:
+        v.write_archive(f, [(v.MANIFEST, envelope)] + [(n, members[n]) for n in sorted(members)])
+    return out
+
+
+def _device(tmp_path: Path, world, target: str = "host") -> Path:
+    """A device folder with the agent installed as enrolment leaves it: the package alone, under
+    another name, in ROOT/agent/versions/V/devagent."""
+    root = tmp_path / "dev" / "edgeops"
+    pkg = root / "agent" / "versions" / I.AGENT_VERSION / "devagent"
+    pkg.mkdir(parents=True)
+    for f in (REPO / "edgeops" / "agent").glob("*.py"):
+        shutil.copy(f, pkg / f.name)
+    r = _agent(root, "init", "--name", "d1", "--target", target, "--label", "site=lab",
+               "--trust", str(world["trust"] / "root.json"))
+    assert r["ok"], r
+    return root
+
+
+def _agent(root: Path, *argv, env: dict | None = None, code: int | None = None):
+    """Run the agent CLI on the device copy; returns its JSON (or the process on a kill)."""
+    pkg_parent = root / "agent" / "versions" / I.AGENT_VERSION
+    p = subprocess.run([sys.executable, "-I", "-c", BLOCK.format(pkg_parent=str(pkg_parent), argv=[str(a) for a in argv])],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    if p.returncode < 0:
+        return p
+    assert "Traceback" not in p.stderr, p.stderr
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    if code is not None:
+        assert p.returncode == code, (p.returncode, doc)
+    doc["_exit"] = p.returncode
+    return doc
+
+
+def _invariant(root: Path, name: str = "clf", version: str | None = None) -> dict:
+    """The device's current model passes its own health check, and state and disk agree."""
+    st = _agent(root, "status", code=0)
+    m = st["models"][name]
+    assert m["consistent"] and m["exists"], m
+    assert st["transaction"] is None
+    if version:
+        assert m["version"] == version, m
+    # the app's view: the stable path loads and gives the bundle's reference outputs
+    slot = root / "models" / name / "current"
+    manifest = json.loads((slot / "manifest.json").read_text())
+    assert manifest["version"] == m["version"]
+    sess = ort.InferenceSession(str(slot / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {n: np.load(slot / r["file"][len("payload/"):]) for n, r in manifest["health"]["inputs"].items()}
+    exp = np.load(slot / manifest["health"]["expected"]["y"]["file"][len("payload/"):])
+    np.testing.assert_allclose(sess.run(["y"], feeds)[0], exp, atol=1e-5)
+    return st
+
+
+def test_install_upgrade_rollback_and_idempotence(tmp_path, world):
+    root = _device(tmp_path, world)
+    B = world["bundles"]
+    r = _agent(root, "install", B["1.0.0"], "--runs", "3", code=0)
+    assert r["ok"] and r["slot"] == "a" and r["previous"] is None
+    assert [s["step"] for s in r["steps"]] == list(I.STEPS)
+    _invariant(root, version="1.0.0")
+    r = _agent(root, "install", B["1.1.0"], "--runs", "3", code=0)
+    assert r["slot"] == "b" and r["previous"] == "1.0.0"
+    st = _invariant(root, version="1.1.0")
+    assert st["models"]["clf"]["previous"]["version"] == "1.0.0"
+    # the same bundle again: nothing to do (a resumed rollout asks this)
+    r = _agent(root, "install", B["1.1.0"], code=0)
+    assert r["already_installed"] and r["slot"] == "b"
+    # a second model beside the first
+    _agent(root, "install", B["other"], "--runs", "3", code=0)
+    _invariant(root, "other", "1.0.0")
+    # rollback: the kept version is checked, then current again
+    r = _agent(root, "rollback", "clf", code=0)
+    assert r["version"] == "1.0.0" and r["previous"] == "1.1.0"
+    st = _invariant(root, version="1.0.0")
+    assert st["models"]["clf"]["previous"]["version"] == "1.1.0"
+    # the counter never goes back: the bundle rolled back from is not accepted again
+    r = _agent(root, "install", B["1.1.0"], code=1)
+    assert r["reason"] == "VERIFY" and "rollback" in r["message"]
+    r = _agent(root, "install", B["1.2.0"], "--runs", "3", code=0)
+    _invariant(root, version="1.2.0")
+    # an older bundle replayed is refused by the device's own state
+    r = _agent(root, "install", B["1.0.0"], code=1)
+    assert r["reason"] == "VERIFY" and "not newer" in r["message"]
+    _invariant(root, version="1.2.0")
+
+
+@pytest.mark.parametrize("case,reason,needle", [
+    ("slo", "SLO", "exceeds the SLO"),
+    ("wrong-ref", "HEALTH", "differs on this device"),
+    ("rpi4", "PREFLIGHT", "ISA arm64"),
+    ("flipped", "VERIFY", "sha256"),
+])
+def test_a_bad_bundle_leaves_the_running_model(tmp_path, world, case, reason, needle):
+    root = _device(tmp_path, world, target="rpi4" if case == "rpi4" else "host")
+    B = world["bundles"]
+    if case == "rpi4":
+        # the device says it is an rpi4 but runs on this machine's ISA: nothing installs, and
+        # nothing was there before either
+        r = _agent(root, "install", B["rpi4"], code=1)
+        assert r["reason"] == reason and needle in r["message"], r
+        assert not (root / "models" / "clf").exists()
+        return
+    _agent(root, "install", B["1.0.0"], "--runs", "3", code=0)
+    bundle = B[case] if case != "flipped" else tmp_path / "flipped.bundle"
+    if case == "flipped":
+        data = bytearray(B["1.1.0"].read_bytes())
+        model = next(e for e in v.peek(B["1.1.0"])[0] if e.name.startswith("payload/model/"))
+        data[model.offset + model.size // 2] ^= 0x40       # one bit of the model's weights
+        bundle.write_bytes(bytes(data))
+    r = _agent(root, "install", bundle, "--runs", "5", code=1)
+    assert r["reason"] == reason and needle in r["message"], r
+    assert not r["rolled_back"]        # refused before the switch
+    _invariant(root, version="1.0.0")
+    # the idle slot holds nothing half-made (a flipped bundle is never staged)
+    assert not (root / "models" / "clf" / "b").exists()
+    assert not (root / "models" / "clf" / "b.partial").exists()
+
+
+@pytest.mark.parametrize("step", I.STEPS[1:])
+def test_sigkill_at_every_step_is_recovered(tmp_path, world, step):
+    """The agent dies right after recording STEP (before acting on it): the next agent start
+    rolls back (before commit) or completes (at commit); one working model is current."""
+    root = _device(tmp_path, world)
+    B = world["bundles"]
+    _agent(root, "install", B["1.0.0"], "--runs", "3", code=0)
+    p = _agent(root, "install", B["1.1.0"], "--runs", "3", env={I.FAULT_ENV: step})
+    assert isinstance(p, subprocess.CompletedProcess) and p.returncode == -9, p
+    raw = json.loads((root / "state.json").read_text())
+    assert raw["transaction"]["step"] == step
+    st = _agent(root, "status", code=0)
+    assert st["recovered"] and st["transaction"] is None
+    want = "1.1.0" if step == "commit" else "1.0.0"
+    _invariant(root, version=want)
+    # and the device takes the next install normally
+    _agent(root, "install", B["1.2.0"], "--runs", "3", code=0)
+    _invariant(root, version="1.2.0")
+
+
+def test_sigkill_during_a_first_install_leaves_no_half_model(tmp_path, world):
+    root = _device(tmp_path, world)
+    p = _agent(root, "install", world["bundles"]["1.0.0"], env={I.FAULT_ENV: "postcheck"})
+    assert p.returncode == -9
+    st = _agent(root, "status", code=0)
+    assert st["recovered"] and "clf" not in st["models"]
+    assert not (root / "models" / "clf" / "current").is_symlink()
+    _agent(root, "install", world["bundles"]["1.0.0"], "--runs", "3", code=0)
+    _invariant(root, version="1.0.0")
+
+
+def test_agent_cli_refusals_are_json_with_exit_codes(tmp_path, world):
+    root = _device(tmp_path, world)
+    r = _agent(root, "install", tmp_path / "missing.bundle", code=1)
+    assert r["reason"] == "VERIFY" and "not a readable bundle" in r["message"]
+    r = _agent(root, "rollback", "clf", code=1)
+    assert r["reason"] == "PREFLIGHT" and "no model named" in r["message"]
+    (root / "state.json").write_text('{"schema": 99}')
+    r = _agent(root, "status", code=3)
+    assert "newer agent" in r["error"]
+    r = _agent(root, "version", code=0)
+    assert r["agent"] == I.AGENT_VERSION and r["protocol"] == I.PROTOCOL
+
+
+def test_gc_keeps_current_and_previous(tmp_path, world):
+    root = _device(tmp_path, world)
+    B = world["bundles"]
+    _agent(root, "install", B["1.0.0"], "--runs", "3", code=0)
+    _agent(root, "install", B["1.1.0"], "--runs", "3", code=0)
+    (root / "incoming" / "leftover.part").write_bytes(b"x" * 1000)
+    r = _agent(root, "gc", code=0)
+    assert "leftover.part" in r["removed"] and r["freed_bytes"] >= 1000
+    st = _invariant(root, version="1.1.0")
+    assert (root / "models" / "clf" / st["models"]["clf"]["previous"]["slot"]).is_dir()
