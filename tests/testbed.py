@@ -38,7 +38,7 @@ RUNTIME_ROOT = Path("/opt/edgeops-testbed")
 DEVPY = RUNTIME_ROOT / "devpy"  # shared device runtime: numpy + onnxruntime, world-readable
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 GECOS = "edgeops-testbed"  # marks the unix users created here
-DEVICE_PACKAGES = ("numpy", "onnxruntime")
+DEVICE_PACKAGES = ("numpy", "onnxruntime", "cryptography")  # what the agent may import
 
 
 def unavailable(reason: str):
@@ -589,10 +589,10 @@ def _pins() -> list[str]:
 
 
 def _resolve_device_python(user: str) -> str:
-    """sys.executable when the device user can run it (numpy + onnxruntime importable);
+    """sys.executable when the device user can run it (numpy, onnxruntime, cryptography importable);
     otherwise (e.g. the venv lives under /root, mode 700) a shared venv at
     /opt/edgeops-testbed/devpy built from the system python with the repo's pinned versions."""
-    check = "import numpy, onnxruntime"
+    check = "import numpy, onnxruntime, cryptography"
     if _runs_as(user, sys.executable, check):
         return sys.executable
     py = DEVPY / "bin" / "python"
@@ -612,6 +612,6 @@ def _resolve_device_python(user: str) -> str:
             os.umask(old)
         _run(["chmod", "-R", "a+rX", str(RUNTIME_ROOT)])
         if not _runs_as(user, str(py), check):
-            raise RuntimeError(f"device runtime {py} does not import numpy + onnxruntime "
+            raise RuntimeError(f"device runtime {py} does not import {', '.join(DEVICE_PACKAGES)} "
                                f"as user {user}")
     return str(py)

@@ -36,6 +36,12 @@ class Device:
     python: str = "python3"
     workdir: str = "~/.edgeops"
     tags: list[str] = field(default_factory=list)
+    # set by `devices enrol` (the agent's install): empty for devices only added for benchmarks
+    target: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    agent_root: str = ""          # absolute path of the agent's folder on the device
+    agent_version: str = ""
+    arch: str = ""
 
     @property
     def spec(self) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import json
 import logging
 import os
 import posixpath
@@ -816,3 +817,57 @@ class Connection:
                 raise RemoteError(f"{remote} does not exist on device {self.label}") from None
             raise self._file_error(e, what) from None
         os.replace(tmp, local)
+
+
+# --------------------------------------------------------------------------- the agent over SSH
+
+AGENT_PACKAGE = "edgeops_agent"      # the agent package's name on devices
+
+
+class SSHDeviceLink:
+    """transport.DeviceLink over one SSH connection: the agent's commands run as
+    `PYTHONPATH=ROOT/agent/current PYTHON -m edgeops_agent --root ROOT ...`, files go through
+    SFTP with resume and a sha256 check on the device (Connection.put)."""
+
+    def __init__(self, conn: Connection, python: str, root: str, label: str):
+        self.conn, self.python, self.root, self.label = conn, python, root.rstrip("/"), label
+
+    def command(self, *args: str) -> list[str]:
+        return ["env", f"PYTHONPATH={self.root}/agent/current", self.python, "-m", AGENT_PACKAGE,
+                "--root", self.root, *map(str, args)]
+
+    def agent(self, *args: str, timeout: float = 600) -> tuple[int, dict]:
+        res = self.conn.run(self.command(*args), timeout=timeout)
+        lines = res.stdout.strip().splitlines()
+        try:
+            doc = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            tail = (res.stderr.strip().splitlines() or [f"exit {res.rc}, no output"])[-1][:300]
+            if f"No module named {AGENT_PACKAGE}" in res.stderr:
+                raise RemoteError(f"device {self.label} has no edgeops agent in {self.root}",
+                                  hint="enrol it first: edgeops devices enrol ...")
+            raise RemoteError(f"the agent on device {self.label} answered no JSON ({' '.join(args[:1])}): {tail}")
+        return res.rc, doc
+
+    def has(self, remote: str, sha256: str) -> bool:
+        try:
+            return self.conn.sha256(f"{self.root}/{remote}") == sha256
+        except RemoteError:
+            return False
+
+    def upload(self, local, remote: str, *, sha256: str | None = None, progress=None):
+        from .transport import Upload
+
+        local = Path(local)
+        size = local.stat().st_size
+        if sha256 and self.has(remote, sha256):
+            if progress is not None:
+                progress(size, size)
+            return Upload(remote, sha256, size, 0, True)
+        got = self.conn.put(local, f"{self.root}/{remote}", resume=True, progress=progress)
+        return Upload(remote, got, size, self.conn.last_put_sent, False)
+
+    def close(self) -> None:
+        self.conn.close()
