@@ -265,3 +265,37 @@ def test_gc_keeps_current_and_previous(tmp_path, world):
     assert "leftover.part" in r["removed"] and r["freed_bytes"] >= 1000
     st = _invariant(root, version="1.1.0")
     assert (root / "models" / "clf" / st["models"]["clf"]["previous"]["slot"]).is_dir()
+
+
+def test_delta_rebuilds_exactly_or_refuses(tmp_path):
+    """Content-defined chunks survive an insertion; a delta rebuilds the file bit for bit from
+    the chunks a device holds; a tampered literal, a changed source or a wrong target hash is
+    refused before anything is renamed into place."""
+    import hashlib as hl
+
+    from edgeops.agent import delta
+
+    rng = np.random.default_rng(0)
+    old = rng.integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    new = old[:1 << 20] + b"new bytes" * 500 + old[1 << 20:]
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    ch = list(delta.chunks(tmp_path / "old"))
+    assert sum(n for _, n, _ in ch) == len(old)
+    assert all(delta.MIN_CHUNK <= n <= delta.MAX_CHUNK for _, n, _ in ch[:-1])
+    stats = delta.make(tmp_path / "new", {s for _, _, s in ch}, tmp_path / "d")
+    assert stats["literal_bytes"] < 4 * delta.MAX_CHUNK and stats["reused"] >= stats["chunks"] - 4
+    want = hl.sha256(new).hexdigest()
+    delta.apply(tmp_path / "d", [tmp_path / "old"], tmp_path / "out", want)
+    assert (tmp_path / "out").read_bytes() == new
+    with pytest.raises(delta.DeltaError, match="not the expected"):
+        delta.apply(tmp_path / "d", [tmp_path / "old"], tmp_path / "x", "0" * 64)
+    bad = bytearray((tmp_path / "d").read_bytes())
+    bad[-10] ^= 1                                          # a literal byte
+    (tmp_path / "bad").write_bytes(bytes(bad))
+    with pytest.raises(delta.DeltaError, match="does not match its name"):
+        delta.apply(tmp_path / "bad", [tmp_path / "old"], tmp_path / "x", want)
+    (tmp_path / "old").write_bytes(old[:3 << 20])          # the device lost part of its source
+    with pytest.raises(delta.DeltaError, match="not on this device"):
+        delta.apply(tmp_path / "d", [tmp_path / "old"], tmp_path / "x", want)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.part").exists()

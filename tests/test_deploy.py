@@ -288,3 +288,43 @@ def test_full_disk_is_a_preflight_refusal(testbed, world, fresh):
         subprocess.run(["umount", "-l", str(small)], check=False)
         if "depdisk" in Inventory().names():
             Inventory().remove("depdisk")
+
+
+def _edit_last_rows(src: Path, dst: Path, rows: int) -> Path:
+    """The same model with only the last ROWS rows of its weight changed (a retrained head)."""
+    m = onnx.load(str(src))
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[-rows:] += 0.5
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, m.graph.initializer[0].name))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_delta_sends_about_what_changed(testbed, world, fresh):
+    fresh("depdelta")
+    rec = Inventory().get("depdelta")
+    n = 2000
+    v1 = _big_model(world["base"] / "d1.onnx", n, seed=11)
+    b1 = _build(world, v1, "dl", "1.0.0")
+    assert D.deploy(rec, b1, health_runs=3).ok
+    rows = 20                                    # 1 % of the weights: 160 KB of 16 MB
+    b2 = _build(world, _edit_last_rows(v1, world["base"] / "d2.onnx", rows), "dl", "1.1.0")
+    out = D.deploy(rec, b2, health_runs=3)
+    assert out.ok, out.to_dict()
+    changed = rows * n * 4
+    assert out.delta and out.delta["reused"] > 0.9 * out.delta["chunks"], out.delta
+    # bytes moved: the changed rows plus the chunks around them, the new references and the manifest
+    assert out.bytes_sent < changed + 6 * delta_max_chunk(), (out.bytes_sent, changed)
+    assert out.bytes_sent < b2.stat().st_size / 10
+    _invariant("depdelta", "dl", "1.1.0")
+    # --no-delta sends everything
+    b3 = _build(world, _edit_last_rows(v1, world["base"] / "d3.onnx", 5), "dl", "1.2.0")
+    out = D.deploy(rec, b3, health_runs=3, delta=False)
+    assert out.ok and out.bytes_sent >= b3.stat().st_size and out.delta is None
+    _invariant("depdelta", "dl", "1.2.0")
+
+
+def delta_max_chunk() -> int:
+    from edgeops.agent import delta
+
+    return delta.MAX_CHUNK

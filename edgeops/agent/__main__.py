@@ -4,6 +4,8 @@
     python -m <agent package> [--root DIR] status
     python -m <agent package> [--root DIR] install BUNDLE [--timeout S] [--threads N] [--runs N]
     python -m <agent package> [--root DIR] rollback NAME
+    python -m <agent package> [--root DIR] chunks                 (delta: chunk names held here)
+    python -m <agent package> [--root DIR] assemble DELTA --out ROOT/incoming/X.bundle --sha256 H
     python -m <agent package> [--root DIR] recover | gc | version
 
 DIR is --root, else $EDGEOPS_AGENT_ROOT, else the folder the agent was installed into
@@ -102,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-same-version", action="store_true")
     p = sub.add_parser("rollback")
     p.add_argument("name")
+    sub.add_parser("chunks")
+    p = sub.add_parser("assemble")
+    p.add_argument("delta")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sha256", required=True)
     sub.add_parser("recover")
     sub.add_parser("gc")
     sub.add_parser("version")
@@ -120,6 +127,24 @@ def main(argv: list[str] | None = None) -> int:
             return _emit({"ok": True, "recovered": recovered, **agent.status()}, EXIT_OK)
         if args.cmd == "recover":
             return _emit({"ok": True, "recovered": agent.recover()}, EXIT_OK)
+        if args.cmd == "chunks":
+            from . import delta
+
+            sources = agent.delta_sources()
+            return _emit({"ok": True, "chunks": sorted(delta.index(sources)), "sources": len(sources)}, EXIT_OK)
+        if args.cmd == "assemble":
+            from . import delta
+
+            out = Path(args.out)
+            if out.parent.resolve() != agent.layout.incoming.resolve() or not out.name.endswith(".bundle"):
+                return _emit({"ok": False, "error": "assemble writes only ROOT/incoming/*.bundle"}, EXIT_USAGE)
+            try:
+                r = delta.apply(args.delta, agent.delta_sources(), out, args.sha256)
+            except delta.DeltaError as exc:
+                return _emit({"ok": False, "error": str(exc)}, EXIT_REFUSED)
+            finally:
+                Path(args.delta).unlink(missing_ok=True)
+            return _emit({"ok": True, **r}, EXIT_OK)
         if args.cmd == "gc":
             return _emit({"ok": True, **agent.gc()}, EXIT_OK)
         if args.cmd == "install":

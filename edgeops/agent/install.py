@@ -513,6 +513,20 @@ class Agent:
                 "models": models, "transaction": st.get("transaction"),
                 "events": st.get("events", [])[-20:]}
 
+    def delta_sources(self) -> list[Path]:
+        """Files this device holds that a delta may reuse chunks of: every slot's payload and
+        the bundles in incoming/ (never a partial upload)."""
+        L = self.layout
+        out = []
+        for name in L.names():
+            for slot in ("a", "b"):
+                d = L.slot(name, slot)
+                if d.is_dir():
+                    out += sorted(p for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+        if L.incoming.is_dir():
+            out += sorted(p for p in L.incoming.glob("*.bundle") if p.is_file() and not p.is_symlink())
+        return out
+
     def gc(self) -> dict:
         """Remove what no model needs: received bundles, stale partial uploads and transaction
         folders, slots of models that were never committed."""

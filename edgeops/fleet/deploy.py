@@ -41,6 +41,7 @@ class Outcome:
     agent: dict | None = None            # the agent's full JSON answer
     bytes_sent: int = 0
     bundle_sha256: str | None = None
+    delta: dict | None = None            # delta.make's figures when a delta was built
 
     def step(self, name: str, seconds: float, detail: str = "", ok: bool = True) -> None:
         self.steps.append({"step": name, "seconds": round(seconds, 4), "detail": detail, "ok": ok})
@@ -48,7 +49,7 @@ class Outcome:
     def to_dict(self) -> dict:
         return {"device": self.device, "ok": self.ok, "reason": self.reason, "message": self.message,
                 "steps": self.steps, "bytes_sent": self.bytes_sent, "bundle_sha256": self.bundle_sha256,
-                "agent": self.agent}
+                "delta": self.delta, "agent": self.agent}
 
 
 def _sha256(path: Path) -> str:
@@ -196,7 +197,43 @@ def enrol(name: str, spec: str, key_path, *, target: str, host_key: str | None =
 
 # ----------------------------------------------------------------------------- deploy
 
-def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: int = 30,
+def _send_delta(link, bundle: Path, sha: str, remote: str, out: Outcome, progress, upload_progress) -> str | None:
+    """Send BUNDLE as a delta against the chunks the device holds; None when a whole upload is
+    the better (or the only) way, with the reason in the steps."""
+    import tempfile
+
+    from ..agent import delta as dl
+
+    t = time.monotonic()
+    code, doc = link.agent("chunks", timeout=600)
+    if code != 0 or not isinstance(doc.get("chunks"), list):
+        out.step("delta", time.monotonic() - t, f"the device listed no chunks ({doc.get('error')}): whole upload",
+                 ok=False)
+        return None
+    with tempfile.TemporaryDirectory(prefix="edgeops-delta-") as tmp:
+        d = Path(tmp) / f"{sha}.delta"
+        stats = dl.make(bundle, set(doc["chunks"]), d)
+        out.delta = stats
+        size = bundle.stat().st_size
+        if stats["delta_bytes"] > 0.8 * size:
+            out.step("delta", time.monotonic() - t, f"{stats['reused']}/{stats['chunks']} chunks on the device: "
+                                                    "not worth a delta, whole upload")
+            return None
+        progress(f"sending a delta: {stats['delta_bytes'] / 2**20:.2f} MiB for a {size / 2**20:.1f} MiB bundle "
+                 f"({stats['reused']}/{stats['chunks']} chunks already on the device)")
+        up = link.upload(d, f"incoming/{sha}.delta", progress=upload_progress)
+        out.bytes_sent += up.sent
+    code, r = link.agent("assemble", f"{link.root}/incoming/{sha}.delta", "--out", f"{link.root}/{remote}",
+                         "--sha256", sha, timeout=600)
+    if code != 0:
+        out.step("delta", time.monotonic() - t, f"the device could not rebuild the bundle ({r.get('error')}): "
+                                                "whole upload", ok=False)
+        return None
+    return (f"delta: {up.sent} bytes sent for a {size}-byte bundle ({stats['reused']}/{stats['chunks']} "
+            f"chunks reused, {stats['literal_bytes']} new bytes), rebuilt and sha256-checked on the device")
+
+
+def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: int = 30, delta: bool = True,
            progress: Callable[[str], None] = lambda m: None,
            upload_progress: Callable[[int, int], None] | None = None,
            link: SSHDeviceLink | None = None) -> Outcome:
@@ -231,11 +268,18 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
             out.step("upload", time.monotonic() - t, "skipped: the device runs this bundle")
             return out
         remote = f"incoming/{sha}.bundle"
-        progress(f"uploading {bundle.name} ({bundle.stat().st_size / 2**20:.1f} MiB)")
-        up = link.upload(bundle, remote, sha256=sha, progress=upload_progress)
-        out.bytes_sent = up.sent
-        out.step("upload", time.monotonic() - t,
-                 "already on the device" if up.skipped else f"{up.sent} bytes sent of {up.size}")
+        size = bundle.stat().st_size
+        sent_by_delta = None
+        if delta and not link.has(remote, sha) and (st.get("models") or {}):
+            sent_by_delta = _send_delta(link, bundle, sha, remote, out, progress, upload_progress)
+        if sent_by_delta is None:
+            progress(f"uploading {bundle.name} ({size / 2**20:.1f} MiB)")
+            up = link.upload(bundle, remote, sha256=sha, progress=upload_progress)
+            out.bytes_sent += up.sent
+            out.step("upload", time.monotonic() - t,
+                     "already on the device" if up.skipped else f"{up.sent} bytes sent of {up.size}")
+        else:
+            out.step("upload", time.monotonic() - t, sent_by_delta)
         t = time.monotonic()
         progress("installing on the device (verify, stage, health, switch, postcheck, commit)")
         code, doc = link.agent("install", f"{link.root}/{remote}", "--timeout", str(timeout),
