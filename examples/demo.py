@@ -15,6 +15,9 @@ the same `edgeops` commands a user would type, printing each one:
   8. latency: measured here with a p99 budget, predicted for a Raspberry Pi 4 (uncalibrated,
      wide interval), host calibrated on the suite, and measured on a real sshd device under a
      25 % CPU quota (when run as root)
+  9. registry with lineage, signed bundles, refusals
+  10. deploy to a real sshd device (when run as root): enrol, install, a version the device
+     refuses on its measured latency (it keeps the running model), an upgrade, a rollback
 
 Outputs go to ./demo-out (or the folder given as the first argument).
 """
@@ -176,6 +179,42 @@ def registry_and_bundle() -> None:
     run("bundle", "verify", "tampered.bundle", "--target", "rpi4", expect=1)
 
 
+def deploy_to_device() -> None:
+    """Enrol a real sshd device (its own user, host key and agent folder), deploy a signed
+    bundle, then a version that cannot meet its latency SLO there: the device measures it,
+    refuses it and keeps the model it runs. Then a good version, and a rollback."""
+    if os.geteuid() != 0 or not Path("/usr/sbin/sshd").exists():
+        print("\n(skipping deploy: it starts a real sshd device and needs root and openssh-server)")
+        return
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from testbed import Testbed
+
+    root = Path(tempfile.mkdtemp(prefix="edgeops-demo-deploy-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    bed = Testbed(root)
+    try:
+        dev = bed.add_device("edge1")
+        print(f"\n(started a device: sshd on 127.0.0.1:{dev.port}, user {dev.user})")
+        run("devices", "enrol", "edge1", "--ssh", dev.spec, "--key", dev.key_path, "--host-key", dev.host_key,
+            "--python", dev.python, "--target", "host", "--label", "site=demo", "--replace")
+        keys = ["--key", "release", "--key", "qa"]
+        run("bundle", "build", "digits-cnn:0.1.0", "--target", "host", *keys, "-o", "edge-0.1.0.bundle")
+        run("deploy", "--bundle", "edge-0.1.0.bundle", "--device", "edge1")
+        print("\n   a version whose SLO this device cannot meet: measured there, refused, 0.1.0 keeps running")
+        run("bundle", "build", "digits-cnn:0.1.1", "--target", "host", *keys, "--slo-ms", "0.0001",
+            "-o", "edge-bad.bundle")
+        run("deploy", "--bundle", "edge-bad.bundle", "--device", "edge1", expect=1)
+        run("devices", "status", "edge1")
+        run("bundle", "build", "digits-cnn:0.1.1", "--target", "host", *keys, "-o", "edge-0.1.1.bundle")
+        run("deploy", "--bundle", "edge-0.1.1.bundle", "--device", "edge1")
+        run("rollback", "digits-cnn", "--device", "edge1")
+        run("devices", "status", "edge1")
+    finally:
+        bed.close()
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for stale in OUT.glob("PWNED"):
@@ -241,6 +280,9 @@ def main() -> None:
 
     print("\n== 9. registry with lineage, then a signed bundle that a device verifies (or refuses)")
     registry_and_bundle()
+
+    print("\n== 10. deploy to a device: verified, health- and latency-checked there, A/B switch, rollback")
+    deploy_to_device()
 
     print("\n== the conversion matrix on this machine")
     run("formats")

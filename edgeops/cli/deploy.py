@@ -135,8 +135,10 @@ def _render(out, as_json: bool, verb: str) -> None:
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds for the install on the device.")
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs of the on-device health check.")
 @click.option("--no-delta", is_flag=True, help="Send the whole bundle even when the device holds most of its chunks.")
+@click.option("--allow-same-version", is_flag=True,
+              help="Accept the installed version again when the bundle's counter is newer (a re-signed bundle).")
 @json_option
-def deploy_cmd(ref, bundle_path, device_name, keys_, timeout, runs, no_delta, as_json):
+def deploy_cmd(ref, bundle_path, device_name, keys_, timeout, runs, no_delta, allow_same_version, as_json):
     """Install a model on one device: the device verifies, checks health and latency, switches
     slots and commits, or keeps the model it runs. Exit 0 installed, 1 refused or rolled back,
     3 unreachable."""
@@ -163,7 +165,8 @@ def deploy_cmd(ref, bundle_path, device_name, keys_, timeout, runs, no_delta, as
             bundle_path = res.path
         elif not bundle_path.is_file():
             raise UsageError(f"{bundle_path}: no such bundle")
-        out = D.deploy(dev, bundle_path, timeout=timeout, health_runs=runs, delta=not no_delta, progress=say)
+        out = D.deploy(dev, bundle_path, timeout=timeout, health_runs=runs, delta=not no_delta,
+                       allow_same_version=allow_same_version, progress=say)
     finally:
         if work is not None:
             import shutil

@@ -234,6 +234,7 @@ def _send_delta(link, bundle: Path, sha: str, remote: str, out: Outcome, progres
 
 
 def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: int = 30, delta: bool = True,
+           allow_same_version: bool = False,
            progress: Callable[[str], None] = lambda m: None,
            upload_progress: Callable[[int, int], None] | None = None,
            link: SSHDeviceLink | None = None) -> Outcome:
@@ -283,7 +284,8 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
         t = time.monotonic()
         progress("installing on the device (verify, stage, health, switch, postcheck, commit)")
         code, doc = link.agent("install", f"{link.root}/{remote}", "--timeout", str(timeout),
-                               "--runs", str(health_runs), timeout=timeout + 120)
+                               "--runs", str(health_runs),
+                               *(["--allow-same-version"] if allow_same_version else []), timeout=timeout + 120)
         out.agent = doc
         for s in doc.get("steps", []):
             out.steps.append({**s, "step": f"device:{s['step']}"})
