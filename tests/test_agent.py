@@ -299,3 +299,36 @@ def test_delta_rebuilds_exactly_or_refuses(tmp_path):
     with pytest.raises(delta.DeltaError, match="not on this device"):
         delta.apply(tmp_path / "d", [tmp_path / "old"], tmp_path / "x", want)
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.part").exists()
+
+
+def test_rotated_trust_root_is_kept_only_when_the_install_commits(tmp_path, world):
+    """The publisher rotates to a new signing key (root v2, signed by the v1 root key); bundles
+    carry the chain. A device still on v1 installs a v2-signed bundle and keeps v2 -- but not
+    from a bundle that failed its health check."""
+    from edgeops.registry import open_registry
+
+    root = _device(tmp_path, world)
+    pub_trust = tmp_path / "publisher-trust"
+    shutil.copytree(world["trust"], pub_trust)
+    keys.generate("release2")
+    new = keys.load_signing("release2")
+    trust.rotate(pub_trust, [world["signer"]], [new], [new.public_key], 1, 1,
+                 datetime.now(timezone.utc) + timedelta(days=30))
+    reg = open_registry()
+    reg.add(_model(tmp_path / "r.onnx", seed=21), "rot", version="1.0.0")
+    good = b.build("rot:1.0.0", "host", [new], tmp_path / "rot.bundle", trust_dir=pub_trust).path
+    bad = _resign(good, tmp_path / "rot-bad.bundle", new, _wrong_reference)
+    r = _agent(root, "install", bad, "--runs", "3", code=1)
+    assert r["reason"] == "HEALTH"
+    assert v.load_trust(root / "trust").version == 1            # not kept from a failed install
+    r = _agent(root, "install", good, "--runs", "3", code=0)
+    assert "trust root v2" in " ".join(s["detail"] for s in r["steps"])
+    assert v.load_trust(root / "trust").version == 2
+    _invariant(root, "rot", "1.0.0")
+
+
+def test_target_mismatch_is_a_preflight_refusal(tmp_path, world):
+    root = _device(tmp_path, world, target="x86-laptop")       # same ISA, another profile
+    r = _agent(root, "install", world["bundles"]["1.0.0"], code=1)
+    assert r["reason"] == "PREFLIGHT" and "this device is 'x86-laptop'" in r["message"]
+    assert not (root / "models" / "clf").exists()

@@ -328,3 +328,19 @@ def delta_max_chunk() -> int:
     from edgeops.agent import delta
 
     return delta.MAX_CHUNK
+
+
+def test_host_refuses_an_agent_protocol_it_does_not_speak(testbed, world, fresh):
+    dev = fresh("depproto")
+    rec = Inventory().get("depproto")
+    cur = dev.home / ".edgeops" / "agent-root" / "agent" / "current" / "edgeops_agent" / "install.py"
+    text = cur.read_text()
+    cur.write_text(text.replace(f"PROTOCOL = {D.agent_install.PROTOCOL}", "PROTOCOL = 99", 1))
+    with pytest.raises(D.AgentMismatch, match="protocol 99"):
+        D.deploy(rec, world["bundles"]["1.0.0"])
+    r = _cli("devices", "status", "depproto")
+    assert r.returncode == 3 and "re-enrol" in r.stderr
+    # re-enrolment pushes the current agent (its own atomic switch) and the device is usable
+    _enrol(testbed, "depproto", dev, replace=True)
+    assert D.deploy(rec, world["bundles"]["1.0.0"], health_runs=3).ok
+    _invariant("depproto", version="1.0.0")
