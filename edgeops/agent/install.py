@@ -218,8 +218,13 @@ class Agent:
     def install(self, bundle: str | Path, *, timeout: float | None = None, threads: int = 1,
                 health_runs: int = 30, allow_same_version: bool = False) -> InstallResult:
         res = InstallResult(str(bundle))
-        t_start = time.monotonic()
-        deadline = t_start + timeout if timeout else None
+        deadline = time.monotonic() + timeout if timeout else None
+        return self._under_lock(res, lambda: self._install(Path(bundle), res, deadline, threads, health_runs,
+                                                           allow_same_version))
+
+    def _under_lock(self, res: InstallResult, work) -> InstallResult:
+        """Run WORK holding the device lock, after recovering a crashed transaction; a busy
+        device is a PREFLIGHT refusal in RES."""
         try:
             fd = self._lock()
         except InstallFailed as exc:
@@ -227,7 +232,7 @@ class Agent:
             return res
         try:
             self._recover_locked()
-            return self._install(Path(bundle), res, deadline, threads, health_runs, allow_same_version)
+            return work()
         finally:
             self._unlock(fd)
 
@@ -445,58 +450,52 @@ class Agent:
     def rollback(self, name: str, *, threads: int = 1) -> InstallResult:
         """Make the version kept in the idle slot current again, after checking it here."""
         res = InstallResult(f"rollback:{name}", name=name)
-        try:
-            fd = self._lock()
-        except InstallFailed as exc:
-            res.reason, res.message = exc.reason, exc.message
-            return res
-        try:
-            self._recover_locked()
-            st = self.load()
-            model = st["models"].get(name)
-            prev = (model or {}).get("previous")
-            L = self.layout
-            t0 = time.monotonic()
-            if not model:
-                res.reason, res.message = "PREFLIGHT", f"no model named {name!r} is installed"
-                return res
-            if not prev or not (L.slot(name, prev["slot"]) / MANIFEST).is_file():
-                res.reason, res.message = "PREFLIGHT", f"{name} has no previous version kept on this device"
-                return res
-            manifest = json.loads((L.slot(name, prev["slot"]) / MANIFEST).read_bytes())
-            from . import health
+        return self._under_lock(res, lambda: self._rollback(name, res, threads))
 
-            hr = health.run(L.slot(name, prev["slot"]), manifest, threads=threads, runs=5, check_slo=False)
-            if not hr.get("passed"):
-                res.reason = "HEALTH"
-                res.message = (f"the previous version {prev['version']} no longer passes its health check: "
-                               + (hr.get("error") or "reference outputs differ"))
-                return res
-            res.steps.append(Step("health", True, time.monotonic() - t0, f"{prev['version']} references match"))
-            txn = {"id": uuid.uuid4().hex[:12], "kind": "rollback", "name": name, "version": prev["version"],
-                   "manifest_sha256": prev.get("manifest_sha256"), "slot": prev["slot"],
-                   "previous_slot": model["slot"], "started": S.now_text(),
-                   "restore": {"previous": {k: model.get(k) for k in ("slot", "version", "counter",
-                                                                        "manifest_sha256")},
-                               # the high-water mark stays: the version rolled back from is
-                               # not accepted again; the fix for it is a newer bundle
-                               "counter": model.get("counter")}}
-            self._record(st, txn, "switch")
-            L.switch(name, prev["slot"])
-            self._record(st, txn, "postcheck")
-            problem = self._postcheck(name, manifest)
-            if problem:
-                res.reason, res.message = "SWITCH", problem
-                res.rolled_back = self._undo(st, txn, problem)
-                return res
-            self._record(st, txn, "commit")
-            self._commit(st, txn, hr)
-            res.steps.append(Step("switch", True, time.monotonic() - t0, f"current -> {prev['slot']}"))
-            res.ok, res.version, res.slot, res.previous = True, prev["version"], prev["slot"], model["version"]
-            res.message = f"{name} rolled back from {model['version']} to {prev['version']} (slot {prev['slot']})"
+    def _rollback(self, name: str, res: InstallResult, threads: int) -> InstallResult:
+        st = self.load()
+        model = st["models"].get(name)
+        prev = (model or {}).get("previous")
+        L = self.layout
+        t0 = time.monotonic()
+        if not model:
+            res.reason, res.message = "PREFLIGHT", f"no model named {name!r} is installed"
             return res
-        finally:
-            self._unlock(fd)
+        if not prev or not (L.slot(name, prev["slot"]) / MANIFEST).is_file():
+            res.reason, res.message = "PREFLIGHT", f"{name} has no previous version kept on this device"
+            return res
+        manifest = json.loads((L.slot(name, prev["slot"]) / MANIFEST).read_bytes())
+        from . import health
+
+        hr = health.run(L.slot(name, prev["slot"]), manifest, threads=threads, runs=5, check_slo=False)
+        if not hr.get("passed"):
+            res.reason = "HEALTH"
+            res.message = (f"the previous version {prev['version']} no longer passes its health check: "
+                           + (hr.get("error") or "reference outputs differ"))
+            return res
+        res.steps.append(Step("health", True, time.monotonic() - t0, f"{prev['version']} references match"))
+        txn = {"id": uuid.uuid4().hex[:12], "kind": "rollback", "name": name, "version": prev["version"],
+               "manifest_sha256": prev.get("manifest_sha256"), "slot": prev["slot"],
+               "previous_slot": model["slot"], "started": S.now_text(),
+               "restore": {"previous": {k: model.get(k) for k in ("slot", "version", "counter",
+                                                                    "manifest_sha256")},
+                           # the high-water mark stays: the version rolled back from is
+                           # not accepted again; the fix for it is a newer bundle
+                           "counter": model.get("counter")}}
+        self._record(st, txn, "switch")
+        L.switch(name, prev["slot"])
+        self._record(st, txn, "postcheck")
+        problem = self._postcheck(name, manifest)
+        if problem:
+            res.reason, res.message = "SWITCH", problem
+            res.rolled_back = self._undo(st, txn, problem)
+            return res
+        self._record(st, txn, "commit")
+        self._commit(st, txn, hr)
+        res.steps.append(Step("switch", True, time.monotonic() - t0, f"current -> {prev['slot']}"))
+        res.ok, res.version, res.slot, res.previous = True, prev["version"], prev["slot"], model["version"]
+        res.message = f"{name} rolled back from {model['version']} to {prev['version']} (slot {prev['slot']})"
+        return res
 
     # ------------------------------------------------------------------ status and gc
     def status(self) -> dict:

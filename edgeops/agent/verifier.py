@@ -25,6 +25,7 @@ bundle; `VerifyResult.require()` raises BundleRefused with the reasons.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -674,10 +675,10 @@ class _Roots:
         return _read(self.f, e, self.limits.max_root_bytes, e.name)
 
 
-def peek(path: str | Path, limits: Limits = Limits()) -> tuple[list[Entry], dict]:
-    """The archive's entries and its manifest envelope, NOT verified: for showing a bundle and
-    for preflight estimates only (space, name); every decision is taken on verify_bundle's
-    result. Raises Refused when the file is not a readable bundle."""
+@contextlib.contextmanager
+def _opened(path: str | Path, limits: Limits):
+    """(open file, archive entries, parsed manifest.json) of a bundle file, not yet trusted."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
@@ -686,7 +687,15 @@ def peek(path: str | Path, limits: Limits = Limits()) -> tuple[list[Entry], dict
         entries = scan_archive(f, st.st_size, limits)
         if not entries or entries[0].name != MANIFEST:
             raise Refused("archive", f"the first entry must be {MANIFEST}")
-        env = parse_canonical(_read(f, entries[0], limits.max_metadata_bytes, MANIFEST), MANIFEST)
+        yield f, entries, parse_canonical(_read(f, entries[0], limits.max_metadata_bytes, MANIFEST), MANIFEST)
+
+
+def peek(path: str | Path, limits: Limits = Limits()) -> tuple[list[Entry], dict]:
+    """The archive's entries and its manifest envelope, NOT verified: for showing a bundle and
+    for preflight estimates only (space, name); every decision is taken on verify_bundle's
+    result. Raises Refused when the file is not a readable bundle."""
+    with _opened(path, limits) as (_, entries, env):
+        pass
     if not isinstance(env, dict) or not isinstance(env.get("signed"), dict):
         raise Refused("metadata", "manifest.json has no signed part")
     return entries, env
@@ -705,18 +714,9 @@ def verify_bundle(path: str | Path, trusted: Root, *, target: str | None, instal
     now = now or datetime.now(timezone.utc)
     tmp = None
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise Refused("archive", "not a regular file")
-            entries = scan_archive(f, st.st_size, limits)
+        with _opened(path, limits) as (f, entries, env):
             res.checked.append("archive")
             by_name = {e.name: e for e in entries}
-            if not entries or entries[0].name != MANIFEST:
-                raise Refused("archive", f"the first entry must be {MANIFEST}")
-            env = parse_canonical(_read(f, entries[0], limits.max_metadata_bytes, MANIFEST), MANIFEST)
             if not isinstance(env, dict) or set(env) != {"signed", "signatures"} or not isinstance(env["signed"], dict):
                 raise Refused("metadata", "manifest.json must be {\"signed\": {...}, \"signatures\": [...]}")
             roots = {}
