@@ -75,23 +75,25 @@ def devices_status(name, as_json):
     rows, failed = [], False
     for d in devs:
         try:
-            rows.append({"device": d.name, "ok": True, **D.status(d)})
+            rows.append({**D.status(d), "name": d.name, "ok": True})
         except Exception as exc:  # noqa: BLE001 - one unreachable device is a row, not the end
             from ..errors import EdgeopsError
 
             if not isinstance(exc, EdgeopsError) or name:
                 raise
             failed = True
-            rows.append({"device": d.name, "ok": False, "error": exc.message})
+            rows.append({"name": d.name, "ok": False, "error": exc.message})
     if as_json:
         _json_print(rows if not name else rows[0])
     else:
         o = _out()
         for r in rows:
             if not r["ok"]:
-                o.print(f"[bold]{_esc(r['device'])}[/]: [red]unreachable[/] {_esc(r['error'])}")
+                o.print(f"[bold]{_esc(r['name'])}[/]: [red]unreachable[/] {_esc(r['error'])}")
                 continue
-            o.print(f"[bold]{_esc(r['device'])}[/] agent {r['agent']} (protocol {r['protocol']}), "
+            labels = ",".join(f"{k}={v}" for k, v in sorted((r.get("device") or {}).get("labels", {}).items()))
+            o.print(f"[bold]{_esc(r['name'])}[/] agent {r['agent']} (protocol {r['protocol']}), "
+                    f"target {_esc((r.get('device') or {}).get('target', '?'))}{' ' + _esc(labels) if labels else ''}, "
                     f"{r['runtime']['isa']}, onnxruntime {r['runtime']['onnxruntime']}, "
                     f"{r['free_bytes'] / 2**20:.0f} MiB free")
             if r.get("recovered"):

@@ -22,6 +22,7 @@ from .inventory import Device, Inventory, _check_name
 from .ssh import AGENT_PACKAGE, RemoteError, SSHDeviceLink, connect
 
 AGENT_SRC = Path(__file__).resolve().parents[1] / "agent"
+DELTA_MIN_BYTES = 1 << 20
 
 
 class AgentMismatch(EdgeopsError):
@@ -271,7 +272,8 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
         remote = f"incoming/{sha}.bundle"
         size = bundle.stat().st_size
         sent_by_delta = None
-        if delta and not link.has(remote, sha) and (st.get("models") or {}):
+        # below 1 MiB a delta's extra round trips cost more than the bytes they save
+        if delta and size >= DELTA_MIN_BYTES and (st.get("models") or {}) and not link.has(remote, sha):
             sent_by_delta = _send_delta(link, bundle, sha, remote, out, progress, upload_progress)
         if sent_by_delta is None:
             progress(f"uploading {bundle.name} ({size / 2**20:.1f} MiB)")
