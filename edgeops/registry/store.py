@@ -21,8 +21,6 @@ store would keep this API).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import getpass
 import hashlib
 import json
@@ -30,12 +28,12 @@ import math
 import os
 import platform
 import re
-import sqlite3
 import subprocess
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from .. import __version__, paths
+from ..db import Database
 from ..agent.verifier import SEMVER
 from ..lineage import package_versions, utc_now
 from . import lineage as lin
@@ -323,38 +321,8 @@ class Registry:
     def __init__(self, db_path: Path, blobs: FileBlobStore, url: str | None = None):
         self.url = url or "sqlite://" + Path(db_path).absolute().as_posix()
         self.blobs = blobs
-        db_path = Path(db_path)
-        try:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(str(db_path), timeout=30, isolation_level=None)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 30000")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            # switching a new database to WAL does not wait on the busy handler, so
-            # processes opening it for the first time take turns on a lock file
-            fd = os.open(db_path.with_name(db_path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                    self.db.execute("PRAGMA journal_mode = WAL")
-                self._migrate()
-            finally:
-                os.close(fd)  # releases the lock
-        except (OSError, sqlite3.Error) as e:
-            raise RegistryError(f"cannot open the registry at {self.url}: {e}") from None
-
-    def _migrate(self) -> None:
-        if self.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-            return
-        with self._tx() as db:
-            v = db.execute("PRAGMA user_version").fetchone()[0]
-            if v > SCHEMA_VERSION:
-                raise RegistryError(f"the registry at {self.url} has schema {v}, newer than "
-                                    f"this edgeops ({SCHEMA_VERSION})", hint="upgrade edgeops")
-            if v == 0:
-                for stmt in _SCHEMA.split(";"):
-                    db.execute(stmt)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self.store = Database(db_path, _SCHEMA, SCHEMA_VERSION, what="registry", url=self.url, error=RegistryError)
+        self.db = self.store.db
 
     def close(self) -> None:
         self.db.close()
@@ -365,17 +333,9 @@ class Registry:
     def __exit__(self, *exc):
         self.close()
 
-    @contextlib.contextmanager
     def _tx(self):
-        """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so concurrent
-        writers wait (busy_timeout) instead of failing on a lock upgrade."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """A write transaction (the database layer's BEGIN IMMEDIATE)."""
+        return self.store.tx()
 
     def _event(self, db, vid: int | None, action: str, details: dict) -> None:
         db.execute("INSERT INTO events (version_id, action, actor, at, details) "
