@@ -192,6 +192,7 @@ def enrol(name: str, spec: str, key_path, *, target: str, host_key: str | None =
         raise
     dev.target, dev.labels, dev.agent_root = profile.name, dict(labels or {}), abs_root
     dev.agent_version, dev.arch = agent_install.AGENT_VERSION, versions["arch"]
+    dev.runtime = f"{versions['arch']} onnxruntime {versions['onnxruntime']}"
     inventory.add(dev, replace=True)
     return {"device": dev.to_dict(), "runtime": versions, "status": doc["status"], "notes": doc.get("notes", [])}
 

@@ -42,6 +42,7 @@ class Device:
     agent_root: str = ""          # absolute path of the agent's folder on the device
     agent_version: str = ""
     arch: str = ""
+    runtime: str = ""             # "x86_64 onnxruntime 1.32.0": with target, the hardware class
 
     @property
     def spec(self) -> str:
