@@ -18,6 +18,7 @@ the same `edgeops` commands a user would type, printing each one:
   9. registry with lineage, signed bundles, refusals
   10. deploy to a real sshd device (when run as root): enrol, install, a version the device
      refuses on its measured latency (it keeps the running model), an upgrade, a rollback
+  11. a rollout to six devices in waves, then a version that halts on SLO failures
 
 Outputs go to ./demo-out (or the folder given as the first argument).
 """
@@ -211,6 +212,26 @@ def deploy_to_device() -> None:
         run("deploy", "--bundle", "edge-0.1.1.bundle", "--device", "edge1")
         run("rollback", "digits-cnn", "--device", "edge1")
         run("devices", "status", "edge1")
+
+        print("\n== 11. a fleet: five more devices (one held to 25 % of a core, like a Pi), a rollout in waves")
+        for name, quota in (("edge2", None), ("edge3", None), ("edge4", None), ("edge5", None), ("edge6pi", 0.25)):
+            d = bed.add_device(name, cpu_quota=quota)
+            run("devices", "enrol", name, "--ssh", d.spec, "--key", d.key_path, "--host-key", d.host_key,
+                "--python", d.python, "--target", "host", "--label", "site=demo", "--replace")
+        run("rollout", "start", "digits-cnn:0.1.1", *keys, "--devices", "site=demo", "--waves", "50%,100%",
+            "--parallel", "3", "--runs", "10", "--dry-run")
+        run("rollout", "start", "digits-cnn:0.1.1", *keys, "--devices", "site=demo", "--waves", "50%,100%",
+            "--parallel", "3", "--runs", "10")
+        print("\n   a version with a latency SLO no device can meet (on purpose): each device measures it and")
+        print("   refuses it, the abort rule halts the rollout, devices not started are skipped, and")
+        print("   --on-halt rollback would return any device that had changed")
+        run("registry", "add", "digits_cnn.pruned.onnx", "--name", "digits-cnn")
+        run("bundle", "build", "digits-cnn:0.1.2", "--target", "host", *keys, "--slo-ms", "0.0001",
+            "-o", "fleet-0.1.2.bundle")
+        run("rollout", "start", "--bundle", "fleet-0.1.2.bundle", "--devices", "site=demo", "--no-canary",
+            "--parallel", "2", "--max-failures", "1", "--on-halt", "rollback", "--runs", "10", expect=1)
+        run("rollout", "list")
+        run("devices", "status")
     finally:
         bed.close()
 
