@@ -74,10 +74,13 @@ def make_inputs(signature: Signature, shapes: dict[str, tuple[int, ...]] | None 
     """
     shapes = dict(shapes or {})
     names = [s.name for s in signature.inputs]
-    for k in list(shapes):              # a TF tensor name for a signature input: same input
-        short = k.removesuffix(":0").removeprefix("serving_default_")
-        if k not in names and short in names and short not in shapes:
-            shapes[short] = shapes.pop(k)
+    for k in list(shapes):
+        # a TF tensor name for a signature input, or a Keras layer name for the input Keras
+        # made in front of it (a Sequential model without an InputLayer names it LAYER_input)
+        for short in (k.removesuffix(":0").removeprefix("serving_default_"), k + "_input"):
+            if k not in names and short in names and short not in shapes:
+                shapes[short] = shapes.pop(k)
+                break
     unknown = [k for k in shapes if k != "*" and k not in names]
     if unknown:
         raise UsageError(f"--shape {unknown[0]}: the model has no input named {unknown[0]!r}",

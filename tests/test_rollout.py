@@ -209,3 +209,38 @@ def test_controller_sigkill_mid_wave_then_resume(fleet, world):
         st = D.status(Inventory().get(n))
         installs = [e for e in st["events"] if e.get("event") == "installed" and e.get("version") == "4.0.0"]
         assert len(installs) == 1, (n, installs)
+
+
+def test_pause_then_resume(fleet, world):
+    """`rollout pause` stops new starts (in-flight devices finish), `resume` finishes the rest,
+    and a finished rollout cannot be resumed again."""
+    bundle = _build(world, _big_model(world["base"] / "r5.onnx", 600, seed=61), "clf", "5.0.0")
+    p = subprocess.Popen([sys.executable, "-m", "edgeops", "rollout", "start", "--bundle", str(bundle),
+                          "--devices", ",".join(FAST), "--no-canary", "--parallel", "1", "--runs", "3"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    j = Journal()
+    rid = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rid = j.latest()
+        if rid and j.get(rid)["bundles"]["host"]["version"] == "5.0.0" and \
+                any(d["state"] == "succeeded" for d in j.get(rid)["devices"]):
+            break
+        time.sleep(0.02)
+    r = _cli("rollout", "pause", rid)
+    assert r.returncode == 0, r.stderr
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    st = j.get(rid)
+    assert st["state"] == "paused"
+    done = [d["device"] for d in st["devices"] if d["state"] == "succeeded"]
+    assert 0 < len(done) < len(FAST) and all(d["state"] in ("succeeded", "pending") for d in st["devices"])
+    _check_fleet(rid, FAST)
+    r = _cli("rollout", "resume", rid, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "completed"
+    _check_fleet(rid, FAST)
+    r = _cli("rollout", "resume", rid)
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    r = _cli("rollout", "list", "--json")
+    assert rid in [x["id"] for x in json.loads(r.stdout)]
