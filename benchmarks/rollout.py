@@ -11,6 +11,9 @@ Rows:
   halt           a version no device can run within its SLO, --max-failures 2: seconds from the
                  completion that breached the rule to the journal's halt, and devices started
                  after it (must be 0)
+  shaped         --shaped devices (default 8) in network namespaces behind 1 MB/s tbf links, a
+                 --shaped-mb bundle: rollout vs parallel SFTP over the same links (no added
+                 delay: netem is not in this kernel)
 Each row: wall time, aggregate MB/s of bundle bytes delivered, controller CPU seconds and
 peak RSS (this process: the controller runs in-process).
 """
@@ -60,11 +63,69 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def shaped(a, bed, work: Path, signer, rows: dict) -> None:
+    """SHAPED devices each behind its own network namespace, the link shaped to 1 MB/s with tbf
+    on both ends (TESTBED.md: netem is not in this kernel, so no added delay): the rollout should
+    be link-bound, i.e. close to a plain parallel SFTP over the same links."""
+    import contextlib
+    import subprocess
+
+    from edgeops.bundle import build as b
+    from edgeops.fleet import deploy as D
+    from edgeops.fleet import rollout as R
+    from edgeops.fleet.inventory import Inventory
+    from edgeops.fleet.journal import Journal
+    from edgeops.fleet.ssh import connect
+    from edgeops.registry import open_registry
+
+    reg = open_registry()
+    reg.add(model(work / "s1.onnx", a.shaped_mb, 11), "shaped", version="1.0.0")
+    bundle = b.build("shaped:1.0.0", "host", [signer], work / "shaped.bundle").path
+    size = bundle.stat().st_size
+    names = [f"n{i:02d}" for i in range(a.shaped)]
+    with contextlib.ExitStack() as stack:
+        for n in names:
+            dev = bed.add_device(n)
+            link = stack.enter_context(bed.netns_link(dev))
+            for cmd in (["tc", "qdisc", "replace", "dev", link.veth, "root", "tbf", "rate", "8mbit", "burst", "32kbit",
+                         "latency", "400ms"],
+                        ["ip", "netns", "exec", link.ns, "tc", "qdisc", "replace", "dev", link.peer, "root", "tbf",
+                         "rate", "8mbit", "burst", "32kbit", "latency", "400ms"]):
+                subprocess.run(cmd, check=True, capture_output=True)
+            D.enrol(n, f"{dev.user}@{link.host}:{link.port}", bed.key_path, target="host", host_key=dev.host_key,
+                    python=dev.python, labels={"fleet": "shaped"})
+        inv = Inventory()
+
+        def put(n):
+            with connect(inv.get(n).ssh_target()) as conn:
+                conn._sftp_client("bench").put(str(bundle), "plain.bundle")
+                conn.run(["rm", "-f", "plain.bundle"])
+
+        log(f"shaped: parallel SFTP to {a.shaped} devices at 1 MB/s")
+        c0, t0 = cpu(), time.perf_counter()
+        with cf.ThreadPoolExecutor(a.shaped) as pool:
+            list(pool.map(put, names))
+        s = time.perf_counter() - t0
+        rows["shaped sftp"] = {"seconds": s, "MB/s": a.shaped * size / 2**20 / s, "cpu_s": cpu() - c0}
+        log("shaped: rollout")
+        j = Journal()
+        opts = R.Options(parallel=a.shaped, health_runs=5, timeout=600, retries=0, delta=False, canary=False)
+        c0, t0 = cpu(), time.perf_counter()
+        rid = R.start([inv.get(n) for n in names], {"host": bundle}, opts, j)
+        res = R.run(rid, j)
+        s = time.perf_counter() - t0
+        ok = sum(1 for d in res["devices"] if d["state"] == "succeeded")
+        rows["shaped rollout"] = {"seconds": s, "MB/s": ok * size / 2**20 / s, "cpu_s": cpu() - c0,
+                                  "state": res["state"], "installed": ok, "id": rid}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=50)
     ap.add_argument("--mb", type=float, default=50)
     ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--shaped", type=int, default=8, help="devices behind 1 MB/s links (0: skip)")
+    ap.add_argument("--shaped-mb", type=float, default=5)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     from testbed import Testbed
@@ -143,6 +204,8 @@ def main() -> int:
         rows["halt"].update({"breach_to_halt_s": (halt["at"] - breach) if breach else None,
                              "started_after_halt": starts_after,
                              "started": sum(1 for e in ev if e["event"].startswith("start"))})
+        if a.shaped:
+            shaped(a, bed, work, signer, rows)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     finally:
         bed.close()
@@ -170,6 +233,10 @@ def main() -> int:
                f"{one['MB/s']:.1f} vs {base['MB/s']:.1f} MB/s ({100 * one['MB/s'] / base['MB/s']:.0f} %)"),
               ("halt within the in-flight batch (no start after the halt)", rows["halt"]["started_after_halt"] == 0,
                f"{rows['halt']['started_after_halt']} started after")]
+    if "shaped rollout" in rows:
+        sr, sb = rows["shaped rollout"], rows["shaped sftp"]
+        checks.append(("1 MB/s links: rollout >= 90 % of parallel SFTP (link-bound)", sr["MB/s"] >= 0.9 * sb["MB/s"],
+                       f"{sr['MB/s']:.2f} vs {sb['MB/s']:.2f} MB/s ({100 * sr['MB/s'] / sb['MB/s']:.0f} %)"))
     for t, ok, v in checks:
         print(f"  [{'met' if ok else 'MISSED'}] {t}: {v}")
     return 0
