@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _fleet import fleet_world  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -60,25 +60,14 @@ def main() -> int:
     ap.add_argument("--mb", type=float, default=50)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    from testbed import Testbed
-
-    work = Path(tempfile.mkdtemp(prefix="edgeops-bench-deploy-"))
-    os.environ["EDGEOPS_HOME"] = str(work / "home")
-    root = Path(tempfile.mkdtemp(prefix="edgeops-testbed-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    bed = Testbed(root)
     rows = {}
-    try:
-        from edgeops.bundle import build as b, keys, trust
+    with fleet_world("deploy") as (bed, work, signer):
+        from edgeops.bundle import build as b
         from edgeops.fleet import deploy as D
         from edgeops.fleet.inventory import Inventory
         from edgeops.fleet.ssh import connect
         from edgeops.registry import open_registry
 
-        keys.generate("release")
-        signer = keys.load_signing("release")
-        trust.init(trust.default_dir(), [signer], [signer.public_key], 1, 1,
-                   datetime.now(timezone.utc) + timedelta(days=30))
         reg = open_registry()
         log(f"building models of {a.mb:.0f} MB")
         p1, ws = model(work / "v1.onnx", a.mb, 0)
@@ -140,12 +129,6 @@ def main() -> int:
         rows["unrelated (delta off)"] = {"seconds": time.perf_counter() - t, "bytes": bundles["other"].stat().st_size,
                                          "sent": out.bytes_sent, "ok": out.ok, "delta": None,
                                          "steps": {x["step"]: x["seconds"] for x in out.steps}}
-    finally:
-        bed.close()
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
     if a.json:
         print(json.dumps(rows, indent=1, default=str))

@@ -23,13 +23,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +34,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _fleet import fleet_world  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -128,16 +127,9 @@ def main() -> int:
     ap.add_argument("--shaped-mb", type=float, default=5)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    from testbed import Testbed
-
-    work = Path(tempfile.mkdtemp(prefix="edgeops-bench-rollout-"))
-    os.environ["EDGEOPS_HOME"] = str(work / "home")
-    root = Path(tempfile.mkdtemp(prefix="edgeops-testbed-", dir="/tmp"))
-    os.chmod(root, 0o755)
-    bed = Testbed(root)
     rows = {}
-    try:
-        from edgeops.bundle import build as b, keys, trust
+    with fleet_world("rollout") as (bed, work, signer):
+        from edgeops.bundle import build as b
         from edgeops.fleet import deploy as D
         from edgeops.fleet import rollout as R
         from edgeops.fleet.inventory import Inventory
@@ -145,10 +137,6 @@ def main() -> int:
         from edgeops.fleet.ssh import connect
         from edgeops.registry import open_registry
 
-        keys.generate("release")
-        signer = keys.load_signing("release")
-        trust.init(trust.default_dir(), [signer], [signer.public_key], 1, 1,
-                   datetime.now(timezone.utc) + timedelta(days=30))
         reg = open_registry()
         log(f"building three {a.mb:.0f} MB models and bundles")
         for i, ver in enumerate(("1.0.0", "1.1.0", "1.2.0")):
@@ -207,10 +195,6 @@ def main() -> int:
         if a.shaped:
             shaped(a, bed, work, signer, rows)
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    finally:
-        bed.close()
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
     if a.json:
         print(json.dumps({"rows": rows, "peak_rss_mb": peak_rss, "bundle_bytes": size}, indent=1, default=str))
