@@ -355,7 +355,7 @@ def _render_verify(res, report) -> None:
             o.print(f"    SLO {s['percentile']} {s['measured_ms']:.3f} ms <= {s['limit_ms']} ms: "
                     f"{'ok' if s['passed'] else 'BREACHED'}")
     if report.get("reason"):
-        _err().print(f"  a device would refuse it: {report['reason']}: {_esc(report['message'])}")
+        _out().print(f"  a device would refuse it: {report['reason']}: {_esc(report['message'])}")
 
 
 @bundle.command("inspect")
