@@ -299,6 +299,15 @@ def test_delta_rebuilds_exactly_or_refuses(tmp_path):
     with pytest.raises(delta.DeltaError, match="not on this device"):
         delta.apply(tmp_path / "d", [tmp_path / "old"], tmp_path / "x", want)
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.part").exists()
+    # an unrelated file: the probe of its first 8 MiB stops the delta early
+    (tmp_path / "other").write_bytes(rng.integers(0, 256, 12 << 20, dtype=np.uint8).tobytes())
+    assert delta.make(tmp_path / "other", {s for _, _, s in ch}, tmp_path / "o", min_reuse=0.2) is None
+    # the chunk cache: a second listing reads the cache; a changed file is re-chunked
+    cache = tmp_path / "cache.json"
+    first = delta.index([tmp_path / "new"], cache)
+    assert cache.exists() and delta.index([tmp_path / "new"], cache) == first
+    (tmp_path / "new").write_bytes(old)
+    assert delta.index([tmp_path / "new"], cache) != first
 
 
 def test_rotated_trust_root_is_kept_only_when_the_install_commits(tmp_path, world):

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", required=True)
     p.add_argument("--label", action="append")
     p.add_argument("--trust")
-    sub.add_parser("status")
+    p = sub.add_parser("status")
+    p.add_argument("--chunks", action="store_true", help="also list the chunk names a delta may reuse")
     p = sub.add_parser("install")
     p.add_argument("bundle")
     p.add_argument("--timeout", type=float)
@@ -124,14 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             return _init(agent, args)
         if args.cmd == "status":
             recovered = agent.recover() if agent.layout.root.is_dir() else []
-            return _emit({"ok": True, "recovered": recovered, **agent.status()}, EXIT_OK)
+            doc = {"ok": True, "recovered": recovered, **agent.status()}
+            if args.chunks:         # what a delta may reuse, in the same round trip
+                from . import delta
+
+                doc["chunks"] = sorted(delta.index(agent.delta_sources(), agent.chunk_cache))
+            return _emit(doc, EXIT_OK)
         if args.cmd == "recover":
             return _emit({"ok": True, "recovered": agent.recover()}, EXIT_OK)
         if args.cmd == "chunks":
             from . import delta
 
             sources = agent.delta_sources()
-            return _emit({"ok": True, "chunks": sorted(delta.index(sources)), "sources": len(sources)}, EXIT_OK)
+            return _emit({"ok": True, "chunks": sorted(delta.index(sources, agent.chunk_cache)),
+                          "sources": len(sources)}, EXIT_OK)
         if args.cmd == "assemble":
             from . import delta
 
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             if out.parent.resolve() != agent.layout.incoming.resolve() or not out.name.endswith(".bundle"):
                 return _emit({"ok": False, "error": "assemble writes only ROOT/incoming/*.bundle"}, EXIT_USAGE)
             try:
-                r = delta.apply(args.delta, agent.delta_sources(), out, args.sha256)
+                r = delta.apply(args.delta, agent.delta_sources(), out, args.sha256, cache=agent.chunk_cache)
             except delta.DeltaError as exc:
                 return _emit({"ok": False, "error": str(exc)}, EXIT_REFUSED)
             finally:

@@ -116,25 +116,56 @@ def chunks(path: str | Path):
             yield start, pos - start, h.hexdigest()
 
 
-def index(paths) -> dict[str, tuple[str, int, int]]:
-    """sha256 -> (path, offset, length) over the chunks of PATHS (first holder wins)."""
+def index(paths, cache: str | Path | None = None) -> dict[str, tuple[str, int, int]]:
+    """sha256 -> (path, offset, length) over the chunks of PATHS (first holder wins). With
+    CACHE (a JSON file), each file's chunk list is kept under (size, mtime_ns) and reused while
+    the file is unchanged, so listing what a device holds costs a read, not a hash pass; a
+    stale or unreadable cache is simply recomputed (apply re-hashes every chunk it uses anyway)."""
+    old: dict = {}
+    if cache is not None:
+        try:
+            old = json.loads(Path(cache).read_text())
+        except (OSError, ValueError):
+            old = {}
+    new: dict = {}
     out: dict[str, tuple[str, int, int]] = {}
     for p in paths:
         try:
-            for off, n, sha in chunks(p):
-                out.setdefault(sha, (str(p), off, n))
+            st = os.stat(p)
+            key = [st.st_size, st.st_mtime_ns]
+            hit = old.get(str(p))
+            if isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("chunks"), list):
+                lst = hit["chunks"]
+            else:
+                lst = [[sha, off, n] for off, n, sha in chunks(p)]
         except OSError:
             continue
+        new[str(p)] = {"key": key, "chunks": lst}
+        for sha, off, n in lst:
+            out.setdefault(sha, (str(p), off, n))
+    if cache is not None and new != old:
+        tmp = Path(str(cache) + ".tmp")
+        try:
+            tmp.write_text(json.dumps(new, separators=(",", ":")))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
     return out
 
 
-def make(new: str | Path, have: set[str], out: str | Path) -> dict:
+PROBE_BYTES = 8 << 20
+
+
+def make(new: str | Path, have: set[str], out: str | Path, *, min_reuse: float = 0.0) -> dict | None:
     """Write a delta of NEW against the chunk names HAVE (what the device holds) to OUT.
-    Returns {size, sha256, chunks, reused, literal_bytes, delta_bytes}."""
+    Returns {size, sha256, chunks, reused, literal_bytes, delta_bytes}; or None as soon as the
+    first PROBE_BYTES reuse less than MIN_REUSE of their bytes (an unrelated model: the whole
+    upload starts without paying for hashing the rest)."""
     new = Path(new)
     ops, literal = [], 0
     whole = hashlib.sha256()
     lit_path = Path(str(out) + ".lit")
+    seen, total = 0, new.stat().st_size
     with open(new, "rb") as src, open(lit_path, "wb") as lit:
         for off, n, sha in chunks(new):
             src.seek(off)
@@ -146,6 +177,11 @@ def make(new: str | Path, have: set[str], out: str | Path) -> dict:
                 ops.append([sha, n, literal])
                 lit.write(data)
                 literal += n
+            seen += n
+            if min_reuse and PROBE_BYTES <= seen < total and seen - literal < min_reuse * seen:
+                lit.close()
+                lit_path.unlink(missing_ok=True)
+                return None
     header = json.dumps({"size": new.stat().st_size, "sha256": whole.hexdigest(), "ops": ops},
                         separators=(",", ":")).encode()
     with open(out, "wb") as f:
@@ -163,7 +199,8 @@ class DeltaError(Exception):
     pass
 
 
-def apply(delta: str | Path, sources, out: str | Path, expect_sha256: str | None = None) -> dict:
+def apply(delta: str | Path, sources, out: str | Path, expect_sha256: str | None = None,
+          cache: str | Path | None = None) -> dict:
     """Rebuild the file a delta describes from SOURCES (files on this device) into OUT, through
     OUT.part; every reused chunk is re-hashed, the whole is checked before the rename. Memory:
     one chunk at a time."""
@@ -184,7 +221,7 @@ def apply(delta: str | Path, sources, out: str | Path, expect_sha256: str | None
         if expect_sha256 is not None and want != expect_sha256:
             raise DeltaError(f"the delta builds {want[:12]}…, not the expected {expect_sha256[:12]}…")
         base = len(MAGIC) + 4 + hlen
-        have = index(sources) if any(o[2] < 0 for o in ops) else {}
+        have = index(sources, cache) if any(o[2] < 0 for o in ops) else {}
         whole = hashlib.sha256()
         try:
             _rebuild(d, base, ops, have, part, whole)

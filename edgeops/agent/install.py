@@ -353,6 +353,7 @@ class Agent:
             self._commit(st, txn, hr)
             done("commit", f"{name}:{res.version} counter {manifest['counter']}")
             res.ok = True
+            self._warm_chunks()
             res.message = f"{name}:{res.version} installed in slot {slot}"
             return res
         except InstallFailed as exc:
@@ -363,6 +364,16 @@ class Agent:
                 S.event(st, res.name, "refused", reason=exc.reason, message=exc.message)
                 self.save(st)
             return res
+
+    def _warm_chunks(self) -> None:
+        """After a commit: index the chunks of what this device now holds, so the next delta
+        listing is a file read (best effort: the listing recomputes what is missing)."""
+        try:
+            from . import delta
+
+            delta.index(self.delta_sources(), self.chunk_cache)
+        except Exception:  # noqa: BLE001 - an optimisation must never fail an installed model
+            pass
 
     def _txn_dir(self, txn: dict) -> Path:
         return self.layout.incoming / f"txn-{txn['id']}"
@@ -511,6 +522,10 @@ class Agent:
                 "device": self.device(), "runtime": runtime_info(), "free_bytes": L.free_bytes(),
                 "models": models, "transaction": st.get("transaction"),
                 "events": st.get("events", [])[-20:]}
+
+    @property
+    def chunk_cache(self) -> Path:
+        return self.layout.root / "chunks-cache.json"
 
     def delta_sources(self) -> list[Path]:
         """Files this device holds that a delta may reuse chunks of: every slot's payload and

@@ -199,24 +199,24 @@ def enrol(name: str, spec: str, key_path, *, target: str, host_key: str | None =
 
 # ----------------------------------------------------------------------------- deploy
 
-def _send_delta(link, bundle: Path, sha: str, remote: str, out: Outcome, progress, upload_progress) -> str | None:
-    """Send BUNDLE as a delta against the chunks the device holds; None when a whole upload is
-    the better (or the only) way, with the reason in the steps."""
+def _send_delta(link, bundle: Path, sha: str, remote: str, have: set, out: Outcome, progress,
+                upload_progress) -> str | None:
+    """Send BUNDLE as a delta against the chunks the device holds (HAVE, listed with its
+    status); None when a whole upload is the better way, with the reason in the steps."""
     import tempfile
 
     from ..agent import delta as dl
 
     t = time.monotonic()
-    code, doc = link.agent("chunks", timeout=600)
-    if code != 0 or not isinstance(doc.get("chunks"), list):
-        out.step("delta", time.monotonic() - t, f"the device listed no chunks ({doc.get('error')}): whole upload",
-                 ok=False)
-        return None
+    size = bundle.stat().st_size
     with tempfile.TemporaryDirectory(prefix="edgeops-delta-") as tmp:
         d = Path(tmp) / f"{sha}.delta"
-        stats = dl.make(bundle, set(doc["chunks"]), d)
+        stats = dl.make(bundle, have, d, min_reuse=0.2)
+        if stats is None:
+            out.step("delta", time.monotonic() - t, f"under 20 % of the first {dl.PROBE_BYTES >> 20} MiB is on "
+                                                    "the device: whole upload")
+            return None
         out.delta = stats
-        size = bundle.stat().st_size
         if stats["delta_bytes"] > 0.8 * size:
             out.step("delta", time.monotonic() - t, f"{stats['reused']}/{stats['chunks']} chunks on the device: "
                                                     "not worth a delta, whole upload")
@@ -251,7 +251,9 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
         progress(f"connecting to {device.name}")
         link = link_for(device)
     try:
-        code, st = link.agent("status", timeout=120)
+        size = bundle.stat().st_size
+        want_chunks = delta and size >= DELTA_MIN_BYTES
+        code, st = link.agent("status", *(["--chunks"] if want_chunks else []), timeout=300)
         check_agent(st, device.name)
         if st.get("recovered"):
             progress(f"the agent recovered: {'; '.join(st['recovered'])}")
@@ -271,11 +273,11 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
             out.step("upload", time.monotonic() - t, "skipped: the device runs this bundle")
             return out
         remote = f"incoming/{sha}.bundle"
-        size = bundle.stat().st_size
         sent_by_delta = None
         # below 1 MiB a delta's extra round trips cost more than the bytes they save
-        if delta and size >= DELTA_MIN_BYTES and (st.get("models") or {}) and not link.has(remote, sha):
-            sent_by_delta = _send_delta(link, bundle, sha, remote, out, progress, upload_progress)
+        if want_chunks and st.get("chunks") and not link.has(remote, sha):
+            sent_by_delta = _send_delta(link, bundle, sha, remote, set(st["chunks"]), out, progress,
+                                        upload_progress)
         if sent_by_delta is None:
             progress(f"uploading {bundle.name} ({size / 2**20:.1f} MiB)")
             up = link.upload(bundle, remote, sha256=sha, progress=upload_progress)
