@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -153,6 +154,11 @@ def test_install_upgrade_rollback_and_idempotence(tmp_path, world):
     assert r["ok"] and r["slot"] == "a" and r["previous"] is None
     assert [s["step"] for s in r["steps"]] == list(I.STEPS)
     _invariant(root, version="1.0.0")
+    # after a commit the agent indexes its chunks for the next delta, in the background
+    deadline = time.monotonic() + 30
+    while not (root / "chunks-cache.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads((root / "chunks-cache.json").read_text())
     r = _agent(root, "install", B["1.1.0"], "--runs", "3", code=0)
     assert r["slot"] == "b" and r["previous"] == "1.0.0"
     st = _invariant(root, version="1.1.0")

@@ -144,7 +144,7 @@ def index(paths, cache: str | Path | None = None) -> dict[str, tuple[str, int, i
         for sha, off, n in lst:
             out.setdefault(sha, (str(p), off, n))
     if cache is not None and new != old:
-        tmp = Path(str(cache) + ".tmp")
+        tmp = Path(f"{cache}.{os.getpid()}.tmp")      # concurrent listings each write their own
         try:
             tmp.write_text(json.dumps(new, separators=(",", ":")))
             os.replace(tmp, cache)

@@ -366,13 +366,19 @@ class Agent:
             return res
 
     def _warm_chunks(self) -> None:
-        """After a commit: index the chunks of what this device now holds, so the next delta
-        listing is a file read (best effort: the listing recomputes what is missing)."""
-        try:
-            from . import delta
+        """After a commit: index the chunks of what this device now holds, in a detached
+        process, so the install answers at once and the next delta listing is a file read
+        (best effort: a listing recomputes whatever the cache lacks)."""
+        import subprocess
+        import sys
 
-            delta.index(self.delta_sources(), self.chunk_cache)
-        except Exception:  # noqa: BLE001 - an optimisation must never fail an installed model
+        pkg = Path(__file__).resolve().parent
+        env = {**os.environ, "PYTHONPATH": str(pkg.parent)}
+        try:
+            subprocess.Popen([sys.executable, "-m", pkg.name, "--root", str(self.layout.root), "chunks"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, env=env, cwd="/")
+        except OSError:  # an optimisation must never fail an installed model
             pass
 
     def _txn_dir(self, txn: dict) -> Path:
