@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trust")
     p = sub.add_parser("status")
     p.add_argument("--chunks", action="store_true", help="also list the chunk names a delta may reuse")
+    p.add_argument("--brief", action="store_true", help="skip the runtime versions (no onnxruntime import)")
     p = sub.add_parser("install")
     p.add_argument("bundle")
     p.add_argument("--timeout", type=float)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             return _init(agent, args)
         if args.cmd == "status":
             recovered = agent.recover() if agent.layout.root.is_dir() else []
-            doc = {"ok": True, "recovered": recovered, **agent.status()}
+            doc = {"ok": True, "recovered": recovered, **agent.status(runtime=not args.brief)}
             if args.chunks:         # what a delta may reuse, in the same round trip
                 from . import delta
 

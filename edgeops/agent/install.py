@@ -515,7 +515,9 @@ class Agent:
         return res
 
     # ------------------------------------------------------------------ status and gc
-    def status(self) -> dict:
+    def status(self, runtime: bool = True) -> dict:
+        """What this device runs. RUNTIME=False skips importing onnxruntime for its version (a
+        deploy asks before every upload; the install imports it anyway)."""
         st = self.load()
         L = self.layout
         models = {}
@@ -525,7 +527,8 @@ class Agent:
                             "path": str(L.stable_model_path(name)),
                             "exists": L.stable_model_path(name).exists()}
         return {"agent": AGENT_VERSION, "protocol": PROTOCOL, "schema": S.SCHEMA, "root": str(L.root),
-                "device": self.device(), "runtime": runtime_info(), "free_bytes": L.free_bytes(),
+                "device": self.device(), "runtime": runtime_info() if runtime else None,
+                "free_bytes": L.free_bytes(),
                 "models": models, "transaction": st.get("transaction"),
                 "events": st.get("events", [])[-20:]}
 

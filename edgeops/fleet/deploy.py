@@ -253,7 +253,7 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
     try:
         size = bundle.stat().st_size
         want_chunks = delta and size >= DELTA_MIN_BYTES
-        code, st = link.agent("status", *(["--chunks"] if want_chunks else []), timeout=300)
+        code, st = link.agent("status", "--brief", *(["--chunks"] if want_chunks else []), timeout=300)
         check_agent(st, device.name)
         if st.get("recovered"):
             progress(f"the agent recovered: {'; '.join(st['recovered'])}")
