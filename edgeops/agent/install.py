@@ -28,7 +28,6 @@ it takes a path.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -208,7 +207,6 @@ class Agent:
     def _record(self, st: dict, txn: dict, step: str) -> None:
         """Write STEP to the state file before doing it; the crash tests stop here."""
         txn["step"] = step
-        txn["steps_done"] = txn.get("steps_done", []) + [step]
         st["transaction"] = txn
         self.save(st)
         if os.environ.get(FAULT_ENV) == step:
@@ -270,7 +268,7 @@ class Agent:
             if not isinstance(name, str) or len(name) > 128 or not v.NAME_OK.fullmatch(name):
                 fail("preflight", "VERIFY", f"the bundle's model name {name!r} is not a valid name")
             res.name, res.version = name, peeked.get("version")
-            sha = hashlib.sha256(v.canonical(peeked)).hexdigest()
+            sha = v.manifest_sha256(peeked)
             model = st["models"].get(name)
             cur = L.current_slot(name)
             if model and model.get("manifest_sha256") == sha and cur == model.get("slot"):
@@ -278,8 +276,8 @@ class Agent:
                 res.message = f"{name}:{res.version} is already installed (slot {cur})"
                 done("preflight", "already installed")
                 return res
-            problems = preflight_problems(peeked, bundle.stat().st_size, L.free_bytes(), dev["target"],
-                                          runtime_info())
+            free = L.free_bytes()
+            problems = preflight_problems(peeked, bundle.stat().st_size, free, dev["target"], runtime_info())
             if problems:
                 fail("preflight", "PREFLIGHT", "; ".join(problems))
             slot = L.other(cur)
@@ -287,7 +285,7 @@ class Agent:
             txn = {"id": uuid.uuid4().hex[:12], "kind": "install", "name": name, "version": res.version,
                    "bundle": str(bundle), "manifest_sha256": sha, "slot": slot, "previous_slot": cur,
                    "started": S.now_text()}
-            done("preflight", f"{L.free_bytes() / 2**20:.0f} MiB free, target {dev['target']}, "
+            done("preflight", f"{free / 2**20:.0f} MiB free, target {dev['target']}, "
                               f"isa {machine_isa()}")
 
             # ---- verify, extracting into the idle slot in the same read (the bytes hashed are
@@ -411,8 +409,7 @@ class Agent:
             entry["previous"] = {k: old.get(k) for k in ("slot", "version", "counter", "manifest_sha256")}
             entry["previous"]["slot"] = txn["previous_slot"]
         if txn.get("kind") == "rollback":
-            entry.update(txn["restore"])
-            entry["installed_at"] = S.now_text()
+            entry["counter"] = txn["keep_counter"]      # the high-water mark stays
         st["models"][name] = entry
         st["transaction"] = None
         S.event(st, name, "installed" if txn.get("kind") != "rollback" else "rolled back",
@@ -456,8 +453,8 @@ class Agent:
         step = txn.get("step")
         if step == "commit":
             # the post-switch check had passed: finish what the killed agent was committing
-            hr = st["models"].get(txn["name"], {}).get("health")
-            self._commit(st, txn, None if hr is None else {"passed": True, **hr})
+            # (its health figures died with it: none are recorded rather than the old model's)
+            self._commit(st, txn, None)
             return [f"{txn['name']}: completed the commit of {txn.get('version')} interrupted by a crash"]
         self._undo(st, txn, f"interrupted at step {step} (agent or device stopped)")
         return [f"{txn['name']}: rolled back the {txn.get('kind', 'install')} of {txn.get('version')} "
@@ -494,11 +491,9 @@ class Agent:
         txn = {"id": uuid.uuid4().hex[:12], "kind": "rollback", "name": name, "version": prev["version"],
                "manifest_sha256": prev.get("manifest_sha256"), "slot": prev["slot"],
                "previous_slot": model["slot"], "started": S.now_text(),
-               "restore": {"previous": {k: model.get(k) for k in ("slot", "version", "counter",
-                                                                    "manifest_sha256")},
-                           # the high-water mark stays: the version rolled back from is
-                           # not accepted again; the fix for it is a newer bundle
-                           "counter": model.get("counter")}}
+               # the high-water mark stays: the version rolled back from is not accepted
+               # again; the fix for it is a newer bundle
+               "keep_counter": model.get("counter")}
         self._record(st, txn, "switch")
         L.switch(name, prev["slot"])
         self._record(st, txn, "postcheck")

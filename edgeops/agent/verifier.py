@@ -134,6 +134,12 @@ def parse_canonical(data: bytes, what: str):
     return obj
 
 
+def manifest_sha256(signed: dict) -> str:
+    """A bundle's identity: the sha256 of its signed manifest, signatures excluded (a re-signed
+    bundle of the same content with a new counter is another bundle)."""
+    return hashlib.sha256(canonical(signed)).hexdigest()
+
+
 def signing_message(kind: str, signed: dict) -> bytes:
     """What a signature covers: a domain tag (so a root signature can never pass as a bundle
     signature, nor the reverse) and the canonical bytes."""
@@ -739,7 +745,7 @@ def verify_bundle(path: str | Path, trusted: Root, *, target: str | None, instal
             res.checked.append(f"signatures {len(res.signed_by)}/{root.roles['bundle'].threshold}")
             check_manifest(signed)
             res.manifest = signed
-            res.manifest_sha256 = hashlib.sha256(canonical(signed)).hexdigest()
+            res.manifest_sha256 = manifest_sha256(signed)
             _policy(res, signed, now, target, installed, allow_same_version)
             # every entry but manifest.json is listed with its hash: payload in "files", the
             # root chain in "roots" (also the versions this device did not need to apply)

@@ -9,7 +9,6 @@ Exit codes (the CLI): 0 installed / ok, 1 refused or rolled back (with the agent
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Callable
 
 from ..agent import install as agent_install
 from ..errors import EXIT_ENV, EdgeopsError, UsageError
+from ..formats.base import sha256_path
 from .inventory import Device, Inventory, _check_name
 from .ssh import AGENT_PACKAGE, RemoteError, SSHDeviceLink, connect
 
@@ -53,24 +53,8 @@ class Outcome:
                 "delta": self.delta, "agent": self.agent}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def agent_files() -> list[Path]:
     return sorted(p for p in AGENT_SRC.glob("*.py"))
-
-
-def agent_digest() -> str:
-    """One hash over the agent's source: a device holding the same digest needs no push."""
-    h = hashlib.sha256()
-    for p in agent_files():
-        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def link_for(device: Device, connect_timeout: float = 10.0) -> SSHDeviceLink:
@@ -94,7 +78,7 @@ def check_agent(doc: dict, device: str) -> None:
 
 _PUSH = r"""
 import os, sys
-root, version, digest = sys.argv[1], sys.argv[2], sys.argv[3]
+root, version = sys.argv[1], sys.argv[2]
 agent = os.path.join(root, "agent")
 staged = os.path.join(agent, "versions", version + ".staged")
 final = os.path.join(agent, "versions", version)
@@ -104,8 +88,6 @@ if os.path.isdir(final):
     shutil.rmtree(old, ignore_errors=True)
     os.rename(final, old)
 os.rename(staged, final)
-with open(os.path.join(final, "DIGEST"), "w") as f:
-    f.write(digest)
 tmp = os.path.join(agent, ".current.tmp")
 if os.path.lexists(tmp):
     os.unlink(tmp)
@@ -170,7 +152,7 @@ def enrol(name: str, spec: str, key_path, *, target: str, host_key: str | None =
             conn.run(["rm", "-rf", staged.rsplit("/", 1)[0]], timeout=60)
             for p in agent_files():
                 conn.put(p, f"{staged}/{p.name}", resume=False)
-            r = conn.run([python, "-c", _PUSH, abs_root, agent_install.AGENT_VERSION, agent_digest()], timeout=60)
+            r = conn.run([python, "-c", _PUSH, abs_root, agent_install.AGENT_VERSION], timeout=60)
             if r.rc != 0:
                 raise RemoteError(f"{where}: activating the agent failed: "
                                   f"{(r.stderr.strip().splitlines() or ['?'])[-1][:200]}")
@@ -242,9 +224,15 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
            link: SSHDeviceLink | None = None) -> Outcome:
     """Upload BUNDLE to DEVICE (resumed, skipped when already there) and run the agent's install.
     Connection failures raise (exit 3); the agent's refusals are in the Outcome (exit 1)."""
+    from ..agent import verifier as v
+
     out = Outcome(device.name)
     t = time.monotonic()
-    sha = _sha256(bundle)
+    try:        # a file that is not a bundle is refused before any device is touched
+        signed = v.peek(bundle)[1]["signed"]
+    except (v.Refused, OSError) as exc:
+        raise UsageError(f"{bundle}: not a readable bundle: {exc}") from None
+    sha = sha256_path(bundle)
     out.bundle_sha256 = sha
     own = link is None
     if own:
@@ -259,13 +247,7 @@ def deploy(device: Device, bundle: Path, *, timeout: float = 900, health_runs: i
             progress(f"the agent recovered: {'; '.join(st['recovered'])}")
         out.step("connect", time.monotonic() - t, f"agent {st.get('agent')}, {len(st.get('models', {}))} model(s)")
         t = time.monotonic()
-        from ..agent import verifier as v
-
-        try:
-            signed = v.peek(bundle)[1]["signed"]
-        except v.Refused as exc:
-            raise UsageError(f"{bundle}: not a readable bundle: {exc}") from None
-        msha = hashlib.sha256(v.canonical(signed)).hexdigest()
+        msha = v.manifest_sha256(signed)
         have = (st.get("models") or {}).get(signed.get("name")) or {}
         if have.get("manifest_sha256") == msha and have.get("consistent"):
             out.ok, out.reason = True, None

@@ -15,13 +15,13 @@ The transport is whatever `link_for` returns (SSH today); this module never touc
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import EdgeopsError, UsageError
+from ..formats.base import sha256_path
 from . import deploy as D
 from . import plan as P
 from .inventory import Device, Inventory
@@ -85,12 +85,8 @@ def _bundle_info(target: str, path: Path) -> dict:
         raise UsageError(f"{path}: not a readable bundle: {exc}") from None
     if signed.get("target") != target:
         raise UsageError(f"{path} is for target {signed.get('target')!r}, not {target!r}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"target": target, "path": str(Path(path).resolve()), "sha256": h.hexdigest(),
-            "manifest_sha256": hashlib.sha256(v.canonical(signed)).hexdigest(), "name": signed["name"],
+    return {"target": target, "path": str(Path(path).resolve()), "sha256": sha256_path(path),
+            "manifest_sha256": v.manifest_sha256(signed), "name": signed["name"],
             "version": signed["version"], "size": Path(path).stat().st_size}
 
 
@@ -101,12 +97,12 @@ def make_plan(devices: list[Device], bundles: dict[str, Path], opts: Options) ->
     if missing:
         raise UsageError(f"no bundle for target(s) {', '.join(missing)} of the selected devices",
                          hint="give one --bundle per target, or NAME:VERSION with --key to build them")
-    names = {_bundle_info(t, p)["name"] for t, p in bundles.items()}
+    info = [_bundle_info(t, p) for t, p in sorted(bundles.items())]     # each file hashed once
+    names = {b["name"] for b in info}
     if len(names) != 1:
         raise UsageError(f"the bundles are of different models ({', '.join(sorted(names))}): one rollout, one model")
     waves = P.make_waves(members, P.parse_waves(opts.waves), canary=opts.canary)
-    info = [_bundle_info(t, p) for t, p in sorted(bundles.items()) if t in {m.target for m in members}]
-    return waves, info
+    return waves, [b for b in info if b["target"] in {m.target for m in members}]
 
 
 def start(devices: list[Device], bundles: dict[str, Path], opts: Options, journal: Journal) -> str:
