@@ -7,6 +7,10 @@
     python -m <agent package> [--root DIR] chunks                 (delta: chunk names held here)
     python -m <agent package> [--root DIR] assemble DELTA --out ROOT/incoming/X.bundle --sha256 H
     python -m <agent package> [--root DIR] recover | gc | version
+    python -m <agent package> [--root DIR] infer NAME --random N [--shift X] [--interval-ms MS] [--for S]
+    python -m <agent package> [--root DIR] serve NAME [--host 127.0.0.1] [--port 8000] [--for S]
+    python -m <agent package> [--root DIR] telemetry read [--after SEQ] [--limit N] | ack --upto SEQ --spool ID
+                                                     | stats | push --mqtt URL [--every S] [--for S]
 
 DIR is --root, else $EDGEOPS_AGENT_ROOT, else the folder the agent was installed into
 (DIR/agent/versions/V/<package>). Every command first finishes or undoes a transaction a crash
@@ -113,6 +117,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sha256", required=True)
     sub.add_parser("recover")
     sub.add_parser("gc")
+    p = sub.add_parser("infer", help="N requests on generated inputs through the runtime (recorded like real traffic)")
+    p.add_argument("name")
+    p.add_argument("--random", type=int, required=True, metavar="N")
+    p.add_argument("--shift", type=float, default=0.0, help="shift float inputs by this many standard deviations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interval-ms", type=float, default=0.0, help="pause between requests (per stream)")
+    p.add_argument("--concurrency", type=int, default=1, help="request streams in parallel (threads)")
+    p.add_argument("--for", dest="seconds", type=float, help="stop after this many seconds")
+    _runtime_args(p)
+    p = sub.add_parser("serve", help="KServe v2 REST server for one model (localhost by default)")
+    p.add_argument("name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--for", dest="seconds", type=float, help="stop after this many seconds")
+    _runtime_args(p)
+    p = sub.add_parser("telemetry")
+    tsub = p.add_subparsers(dest="tcmd", required=True)
+    q = tsub.add_parser("read")
+    q.add_argument("--after", type=int, default=0)
+    q.add_argument("--limit", type=int, default=2000)
+    q = tsub.add_parser("ack")
+    q.add_argument("--upto", type=int, required=True)
+    q.add_argument("--spool", required=True)
+    tsub.add_parser("stats")
+    q = tsub.add_parser("push")
+    q.add_argument("--mqtt", required=True, metavar="URL")
+    q.add_argument("--every", type=float, help="keep pushing every S seconds (default: once)")
+    q.add_argument("--for", dest="seconds", type=float, help="with --every: stop after S seconds")
     sub.add_parser("version")
     try:
         args = ap.parse_args(argv)
@@ -155,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return _emit({"ok": True, **r}, EXIT_OK)
         if args.cmd == "gc":
             return _emit({"ok": True, **agent.gc()}, EXIT_OK)
+        if args.cmd in ("infer", "serve", "telemetry"):
+            return _telemetry_cmd(agent, args)
         if args.cmd == "install":
             r = agent.install(args.bundle, timeout=args.timeout, threads=args.threads, health_runs=args.runs,
                               allow_same_version=args.allow_same_version)
@@ -167,6 +201,136 @@ def main(argv: list[str] | None = None) -> int:
     except (S.StateError, v.TrustError, v.Refused, OSError) as exc:
         return _emit({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, EXIT_ENV)
     return EXIT_USAGE
+
+
+def _runtime_args(p) -> None:
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--flush", type=float, default=10.0, help="seconds between spool writes")
+    p.add_argument("--cap-bytes", type=int, default=64 << 20, help="the spool's byte cap")
+    p.add_argument("--capture", type=float, default=0.0, help="share of requests whose raw inputs are kept")
+    p.add_argument("--capture-bytes", type=int, default=0, help="cap on raw inputs kept per flush")
+    p.add_argument("--no-telemetry", action="store_true")
+
+
+def _runtime(agent, args):
+    from .runtime import Runtime
+
+    return Runtime(agent.layout.root, args.name, threads=args.threads, flush_s=args.flush,
+                   cap_bytes=args.cap_bytes, capture=args.capture, capture_bytes=args.capture_bytes,
+                   telemetry=not args.no_telemetry)
+
+
+def _telemetry_cmd(agent, args) -> int:
+    import signal
+    import time
+
+    from . import spool as SP
+
+    if args.cmd == "telemetry":
+        try:
+            sp = SP.Spool(SP.default_path(agent.layout.root))
+        except SP.SpoolError as exc:
+            return _emit({"ok": False, "error": str(exc)}, EXIT_ENV)
+        try:
+            if args.tcmd == "read":
+                from .runtime import device_health
+
+                doc = sp.read(args.after, args.limit)
+                doc["health_now"] = device_health(agent.layout, sp)
+                return _emit({"ok": True, **doc}, EXIT_OK)
+            if args.tcmd == "ack":
+                try:
+                    n = sp.ack(args.upto, args.spool)
+                except SP.SpoolError as exc:
+                    return _emit({"ok": False, "error": str(exc)}, EXIT_REFUSED)
+                return _emit({"ok": True, "deleted": n, **sp.stats()}, EXIT_OK)
+            if args.tcmd == "stats":
+                return _emit({"ok": True, "device": sp.device, "spool": sp.id, **sp.stats()}, EXIT_OK)
+            from .push import PushError, push
+
+            total = {"records": 0, "batches": 0, "bytes": 0}
+            t_end = time.time() + (args.seconds or 0)
+            while True:
+                try:
+                    r = push(sp, args.mqtt)
+                except PushError as exc:
+                    return _emit({"ok": False, "error": str(exc), **total}, EXIT_ENV)
+                for k in total:
+                    total[k] += r[k]
+                if not args.every or (args.seconds and time.time() >= t_end):
+                    break
+                time.sleep(args.every)
+            return _emit({"ok": True, **total, **sp.stats()}, EXIT_OK)
+        finally:
+            sp.close()
+    from .runtime import NoModel
+
+    try:
+        rt = _runtime(agent, args)
+    except NoModel as exc:
+        return _emit({"ok": False, "error": str(exc)}, EXIT_REFUSED)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    try:
+        if args.cmd == "serve":
+            from .serve import serve
+
+            def ready(addr):
+                sys.stderr.write(f"serving {args.name} {rt.version} on http://{addr[0]}:{addr[1]}/v2\n")
+                sys.stderr.flush()
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            try:
+                serve(rt, args.host, args.port, args.seconds, ready)
+            except KeyboardInterrupt:
+                pass
+            except OSError as exc:
+                return _emit({"ok": False, "error": f"cannot listen on {args.host}:{args.port} ({exc})"}, EXIT_ENV)
+            return _emit({"ok": True, "served": args.name, "version": rt.version, "reloads": rt.reloads}, EXIT_OK)
+        import threading
+
+        import numpy as np
+
+        from . import profile as P
+        from .runtime import random_inputs
+
+        hist, versions = {}, {}
+        counts = {"done": 0, "errors": 0}
+        lock = threading.Lock()
+        t_end = time.time() + args.seconds if args.seconds else None
+        budget = iter(range(max(args.random, 0)))
+
+        def stream(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            while not stop and not (t_end and time.time() >= t_end):
+                with lock:
+                    if next(budget, None) is None:
+                        return
+                feeds = random_inputs(rt.model.manifest, rng, args.shift)
+                t = time.perf_counter()
+                err = 0
+                try:
+                    rt.run(feeds)
+                except Exception:  # noqa: BLE001 - recorded by the runtime; counted here
+                    err = 1
+                b = P.bucket(time.perf_counter() - t)
+                with lock:
+                    hist[b] = hist.get(b, 0) + 1
+                    versions[rt.version] = versions.get(rt.version, 0) + 1
+                    counts["done"] += 1
+                    counts["errors"] += err
+                if args.interval_ms:
+                    time.sleep(args.interval_ms / 1e3)
+
+        workers = [threading.Thread(target=stream, args=(args.seed + i,)) for i in range(max(1, args.concurrency))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        q = lambda x: round(P.quantile(hist, x) * 1e3, 4) if hist else None  # noqa: E731
+        return _emit({"ok": True, "model": args.name, "requests": counts["done"], "errors": counts["errors"],
+                      "versions": versions, "reloads": rt.reloads, "p50_ms": q(0.5), "p99_ms": q(0.99)}, EXIT_OK)
+    finally:
+        rt.close()
 
 
 if __name__ == "__main__":

@@ -204,6 +204,14 @@ class Agent:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
+    def _event(self, st: dict, name: str | None, what: str, **detail) -> None:
+        """An install event: into the state file's recent events and the telemetry spool (where a
+        collector picks it up with the rest; a spool that cannot be written never fails the install)."""
+        from .spool import record_event
+
+        S.event(st, name, what, **detail)
+        record_event(self.layout.root, name, detail.get("version"), {"event": what, **detail})
+
     def _record(self, st: dict, txn: dict, step: str) -> None:
         """Write STEP to the state file before doing it; the crash tests stop here."""
         txn["step"] = step
@@ -359,7 +367,7 @@ class Agent:
             if txn is not None:
                 res.rolled_back = self._undo(st, txn, f"{exc.reason}: {exc.message}")
             else:
-                S.event(st, res.name, "refused", reason=exc.reason, message=exc.message)
+                self._event(st, res.name, "refused", reason=exc.reason, message=exc.message)
                 self.save(st)
             return res
 
@@ -412,7 +420,7 @@ class Agent:
             entry["counter"] = txn["keep_counter"]      # the high-water mark stays
         st["models"][name] = entry
         st["transaction"] = None
-        S.event(st, name, "installed" if txn.get("kind") != "rollback" else "rolled back",
+        self._event(st, name, "installed" if txn.get("kind") != "rollback" else "rolled back",
                 version=txn["version"], slot=txn["slot"])
         self.save(st)
         shutil.rmtree(park, ignore_errors=True)
@@ -432,7 +440,7 @@ class Agent:
             L.clear_slot(name, txn["slot"])
         shutil.rmtree(self._txn_dir(txn), ignore_errors=True)
         st["transaction"] = None
-        S.event(st, name, "rolled back" if switched else "not installed", version=txn.get("version"),
+        self._event(st, name, "rolled back" if switched else "not installed", version=txn.get("version"),
                 step=txn.get("step"), why=why[:500])
         self.save(st)
         return switched

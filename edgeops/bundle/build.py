@@ -138,6 +138,63 @@ def _reference(model: Path, proto, inputs: Path | None, shapes: dict | None, ato
         + (", fp16 weights: float16 tolerances" if fp16 else "")
 
 
+PROFILE_SAMPLES = 1000
+PROFILE_SECONDS = 10.0     # a slow model stops earlier (at >= 64 samples), and says so
+
+
+def _profile(model: Path, data: Path | None, shapes: dict | None, samples: int, progress) -> dict:
+    """The reference profile telemetry compares against (agent/profile.py): per-feature quantile
+    bins of the inputs and outputs (class distribution for classifier outputs), from DATA (axis 0
+    = samples) or, without it, from SAMPLES inputs generated like the health check's (seed 1000+i)."""
+    from .. import verify
+    from ..agent import profile as prof
+    from ..formats import onnx as onnx_fmt
+
+    runner = onnx_fmt.OnnxRunner(model, threads=1)
+    if data is not None:
+        feeds = verify.load_inputs(data, runner.signature)
+        n = min(len(a) if np.ndim(a) else 1 for a in feeds.values())
+        rows = [{k: a[i:i + 1] for k, a in feeds.items()} for i in range(min(n, samples))]
+        source = f"{data.name}, {len(rows)} sample(s)"
+    else:
+        rows = None
+        source = f"generated like the health check's inputs, {samples} sample(s)"
+    ins: dict[str, list] = {}
+    outs: dict[str, list] = {}
+    t_end = __import__("time").time() + PROFILE_SECONDS
+    got = 0
+    for i in range(samples if rows is None else len(rows)):
+        feeds_i = rows[i] if rows is not None else verify.make_inputs(runner.signature, shapes or {}, seed=1000 + i,
+                                                                       batch=1)
+        res = runner.run(feeds_i)
+        for k, a in feeds_i.items():
+            ins.setdefault(k, []).append(np.asarray(a))
+        for k, a in res.items():
+            a = np.asarray(a)
+            if a.dtype != object:
+                outs.setdefault(k, []).append(a)
+        got += 1
+        if __import__("time").time() > t_end and got >= 64:
+            source += f" (stopped at {got} after {PROFILE_SECONDS:.0f}s)"
+            break
+    cat = lambda xs: np.concatenate([x.reshape(1) if x.ndim == 0 else x for x in xs], axis=0)  # noqa: E731
+    profile = {"inputs": {}, "outputs": {}}
+    for k, xs in ins.items():
+        try:
+            profile["inputs"][k] = prof.build(cat(xs))
+        except ValueError:      # samples of different shapes (dynamic axes): no profile for it
+            progress(f"profile: input {k} changes shape between samples; not profiled")
+    for k, xs in outs.items():
+        try:
+            profile["outputs"][k] = prof.build(cat(xs), labels=True)
+        except ValueError:
+            progress(f"profile: output {k} changes shape between samples; not profiled")
+    if got < 100:
+        source += f"; only {got} sample(s): drift bins are coarse"
+    return {"profile": {"inputs": prof.profile_json(profile["inputs"]), "outputs": prof.profile_json(profile["outputs"])},
+            "source": source, "samples": got, "psi_bands": [prof.PSI_WARN, prof.PSI_ALERT]}
+
+
 def _parity(lineage: dict | None) -> list[dict]:
     """Each verified step on the way here, newest first, from the lineage chain."""
     out = []
@@ -178,7 +235,8 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
           slo_percentile: str = "p99", trust_dir: Path | None = None, counter: int | None = None,
           inputs: Path | None = None, shapes: dict | None = None, atol: float | None = None,
           rtol: float | None = None, created: datetime | None = None, registry=None,
-          allow_failed_lineage: bool = False, progress=lambda msg: None) -> BuildResult:
+          allow_failed_lineage: bool = False, profile_data: Path | None = None,
+          profile_samples: int = PROFILE_SAMPLES, progress=lambda msg: None) -> BuildResult:
     """Build and sign a bundle of registry version `ref` for `target`, then verify it with the
     device's own verifier before it is reported as built."""
     from .. import targets
@@ -245,6 +303,9 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
 
         proto = onnx.load(str(model), load_external_data=False)
         ins, exp_out, source = _reference(model, proto, inputs, shapes, atol, rtol, work / "reference")
+        progress("profiling inputs and outputs for drift (telemetry reference)")
+        tele = _profile(model, profile_data if profile_data is not None else inputs, shapes,
+                        max(1, int(profile_samples)), progress)
         members: dict[str, Path] = {}
         for rel in sorted(rec.files):
             members[f"payload/model/{rel}"] = work / "model" / rel
@@ -269,6 +330,7 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             "runtime": _runtime(proto, {k: x for k, x in files.items() if k.startswith("payload/model/")}, profile),
             "health": {"inputs": ins, "expected": exp_out, "source": source},
             "slo": {"latency_ms": slo_ms, "percentile": slo_percentile, "threads": 1} if slo_ms else None,
+            "telemetry": tele,
             "lineage": rec.lineage, "parity": _parity(rec.lineage),
             "registry": {"name": rec.name, "version": rec.version, "sha256": rec.sha256, "stage": rec.stage,
                          "metrics": rec.metrics},

@@ -82,4 +82,4 @@ def main() -> None:
     cli.main(prog_name="edgeops")
 
 
-from . import bench, bundle, commands, deploy, optimize, registry, rollout  # noqa: E402,F401  (registers the commands on `cli`)
+from . import bench, bundle, commands, deploy, optimize, registry, rollout, telemetry  # noqa: E402,F401  (registers the commands on `cli`)

@@ -208,10 +208,15 @@ def bundle():
 @click.option("--rtol", type=float, help="Health-check relative tolerance (default: per dtype).")
 @click.option("--allow-failed-lineage", is_flag=True,
               help="Bundle a model whose lineage records a failed parity or accuracy check.")
+@click.option("--profile-data", type=click.Path(path_type=Path, exists=True),
+              help="Calibration/eval data (.npz or folder, axis 0 = samples) for the drift reference profile "
+                   "(default: --inputs, else generated inputs).")
+@click.option("--profile-samples", type=click.IntRange(1, 100000), default=1000, show_default=True,
+              help="Samples the reference profile is built from (at most 10 s of inference, then >= 64).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @json_option
 def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile, trust_dir, counter, inputs,
-                 shapes, atol, rtol, allow_failed_lineage, out, as_json):
+                 shapes, atol, rtol, allow_failed_lineage, profile_data, profile_samples, out, as_json):
     """Build a signed bundle of NAME:VERSION for TARGET, then verify it as a device would."""
     import math
 
@@ -228,7 +233,8 @@ def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile,
     res = build(ref, target, _signers(keys_), out, threshold=threshold, expires=parse_duration(expires),
                 slo_ms=slo_ms, slo_percentile=slo_percentile, trust_dir=trust_dir, counter=counter,
                 inputs=inputs, shapes=parse_shapes(shapes), atol=atol, rtol=rtol,
-                allow_failed_lineage=allow_failed_lineage,
+                allow_failed_lineage=allow_failed_lineage, profile_data=profile_data,
+                profile_samples=profile_samples,
                 progress=lambda m: None if as_json else _err().print(f"[dim]{_esc(m)}[/]"))
     if as_json:
         _json_print(res.to_dict())
@@ -242,6 +248,9 @@ def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile,
             (f", verified against trust root v{res.root_version}" if res.root_version else ""))
     o.print(f"  health: {len(m['health']['inputs'])} input(s), {len(m['health']['expected'])} expected output(s)"
             + (f", SLO {m['slo']['percentile']} <= {m['slo']['latency_ms']} ms" if m["slo"] else ""))
+    t = m.get("telemetry") or {}
+    o.print(f"  drift profile: {len(t['profile']['inputs'])} input(s), {len(t['profile']['outputs'])} output(s) "
+            f"from {_esc(t['source'])}")
     for w in res.warnings:
         _err().print(f"[yellow]warning:[/] {_esc(w)}")
 

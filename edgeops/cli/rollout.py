@@ -56,14 +56,24 @@ def _devices(selector, everything):
 @click.option("--min-devices", type=int, default=1, show_default=True, help="Finished devices before the rule applies.")
 @click.option("--retries", type=int, default=1, show_default=True, help="Retries for UNREACHABLE/TRANSFER/TIMEOUT.")
 @click.option("--rate", help="Device starts per minute (N/min), doubling after every N successes.")
-@click.option("--bake", type=float, default=0.0, show_default=True, help="Seconds between waves.")
+@click.option("--bake", type=float, default=0.0, show_default=True,
+              help="Seconds between waves; with a gate (the bundle's SLO, --max-error-rate, --max-drift) the "
+                   "wave's telemetry is collected and judged during it.")
+@click.option("--max-error-rate", type=float, help="Bake gate: halt when a device's error rate exceeds this share (0.01).")
+@click.option("--max-drift", type=float,
+              help="Bake gate: halt when a device's output PSI against its previous version exceeds this (0.25).")
+@click.option("--gate-min-requests", type=int, default=50, show_default=True,
+              help="Requests of the new version each device needs before the gate can pass it.")
+@click.option("--gate-every", type=float, default=10.0, show_default=True, help="Seconds between checks during a bake.")
+@click.option("--no-gate", is_flag=True, help="Bake is a plain wait: no telemetry gate (not even the bundle's SLO).")
 @click.option("--timeout", type=float, default=900, show_default=True, help="Per-device install timeout (s).")
 @click.option("--on-halt", type=click.Choice(["pause", "rollback"]), default="pause", show_default=True)
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs of each device's health check.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; touch nothing.")
 @json_option
 def rollout_start(ref, bundle_paths, selector, everything, keys_, waves, no_canary, parallel, max_failures,
-                  min_devices, retries, rate, bake, timeout, on_halt, runs, dry_run, as_json):
+                  min_devices, retries, rate, bake, max_error_rate, max_drift, gate_min_requests, gate_every,
+                  no_gate, timeout, on_halt, runs, dry_run, as_json):
     """Start a rollout. Exit 0 every device installed, 1 halted or some devices failed, 3 environment."""
     from ..agent import verifier as v
     from ..fleet import rollout as R
@@ -71,7 +81,8 @@ def rollout_start(ref, bundle_paths, selector, everything, keys_, waves, no_cana
     devs = _devices(selector, everything)
     opts = R.Options(waves=waves, canary=not no_canary, parallel=parallel, max_failures=max_failures,
                      min_devices=min_devices, retries=retries, rate=rate, bake=bake, timeout=timeout,
-                     on_halt=on_halt, health_runs=runs)
+                     on_halt=on_halt, health_runs=runs, max_error_rate=max_error_rate, max_drift=max_drift,
+                     gate=not no_gate, gate_min_requests=gate_min_requests, gate_every=gate_every)
     opts.check()
     if (ref is None) == (not bundle_paths):
         raise UsageError("give NAME:VERSION or --bundle FILE ... (one of them)")
@@ -103,8 +114,9 @@ def rollout_start(ref, bundle_paths, selector, everything, keys_, waves, no_cana
             bundles[t] = b.build(ref, t, signers, out, progress=say).path
     if dry_run:
         waves_, info = R.make_plan(devs, bundles, opts)
+        gate_by_target = R.gates({b_["target"]: b_ for b_ in info}, opts)
         plan = {"waves": [{"wave": w.index, "name": w.name, "devices": [m.name for m in w.devices]} for w in waves_],
-                "bundles": info, "options": vars(opts)}
+                "bundles": info, "options": vars(opts), "gates": {t: g.text() for t, g in gate_by_target.items()}}
         if as_json:
             _json_print(plan)
         else:
@@ -117,7 +129,13 @@ def rollout_start(ref, bundle_paths, selector, everything, keys_, waves, no_cana
             for b_ in info:
                 _out().print(f"bundle for {b_['target']}: {b_['name']}:{b_['version']} ({b_['size']} bytes)")
             _out().print(f"abort: --max-failures {max_failures} per type after {min_devices} device(s); "
-                         f"retries {retries}; parallel {parallel}; on halt: {on_halt}. Nothing was touched.")
+                         f"retries {retries}; parallel {parallel}; on halt: {on_halt}.")
+            for t, g in sorted(gate_by_target.items()):
+                _out().print(f"bake gate for {t} ({bake:g}s after each wave): {_esc(g.text())}")
+            if bake and not gate_by_target:
+                _out().print(f"bake: a {bake:g}s wait after each wave, no telemetry gate"
+                             + (" (--no-gate)" if no_gate else " (the bundle has no SLO; no --max-error-rate/--max-drift)"))
+            _out().print("Nothing was touched.")
         return
     j = _journal()
     rid = R.start(devs, bundles, opts, j)

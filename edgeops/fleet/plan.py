@@ -265,12 +265,19 @@ class DeviceRun:
     message: str = ""
 
 
+@dataclass
+class GateCheck:
+    """The bake after WAVE is over and a telemetry gate applies: the caller judges the wave and
+    calls `clear(wave)` or `halt(why)` before anything else may start."""
+    wave: int
+
+
 class Scheduler:
     """Which device starts next, and when the rollout halts. Pure: the caller reports
     completions and passes the time; the scheduler never sleeps or talks to a device."""
 
     def __init__(self, waves: list[Wave], *, parallel: int = 4, rule: AbortRule | None = None,
-                 retries: int = 0, rate: Rate | None = None, bake: float = 0.0):
+                 retries: int = 0, rate: Rate | None = None, bake: float = 0.0, gated: bool = False):
         if parallel < 1:
             raise UsageError("--parallel must be at least 1")
         if retries < 0:
@@ -282,6 +289,8 @@ class Scheduler:
         self.wave_done_at: float | None = None
         self.halted: str | None = None
         self.last_start: float | None = None
+        self.gated = gated and bake > 0
+        self.cleared = -1                # the last wave a gate passed
 
     # -- queries
     def running(self) -> list[DeviceRun]:
@@ -308,9 +317,10 @@ class Scheduler:
         return all(r.state in ("succeeded", "failed", "skipped") for r in self.runs.values())
 
     # -- decisions
-    def next(self, now: float) -> DeviceRun | None | float:
-        """A device to start now, None if nothing can start (wait for a completion), or a time
-        (float) before which nothing may start (rate or bake)."""
+    def next(self, now: float) -> DeviceRun | None | float | GateCheck:
+        """A device to start now, None if nothing can start (wait for a completion), a time
+        (float) before which nothing may start (rate or bake), or a GateCheck when a bake ended
+        and its telemetry gate must be judged first."""
         if self.halted or len(self.running()) >= self.parallel:
             return None
         while self.wave < len(self.waves):
@@ -324,6 +334,8 @@ class Scheduler:
                 self.wave_done_at = now
             if now < self.wave_done_at + self.bake and self.wave + 1 < len(self.waves):
                 return self.wave_done_at + self.bake
+            if self.gated and self.wave + 1 < len(self.waves) and self.cleared < self.wave:
+                return GateCheck(self.wave)
             self.wave += 1
             self.wave_done_at = None
         else:
@@ -355,6 +367,14 @@ class Scheduler:
             if why:
                 self.halted = why
         return r.state
+
+    def clear(self, wave: int) -> None:
+        """The telemetry gate passed WAVE: the next wave may start."""
+        self.cleared = max(self.cleared, wave)
+
+    def baking(self) -> int | None:
+        """The wave whose bake is under way (finished, not yet followed by the next), if any."""
+        return self.wave if self.wave_done_at is not None and self.wave + 1 < len(self.waves) else None
 
     def halt(self, why: str) -> None:
         self.halted = self.halted or why

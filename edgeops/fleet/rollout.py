@@ -43,12 +43,26 @@ class Options:
     on_halt: str = "pause"
     health_runs: int = 30
     delta: bool = True
+    # the telemetry gate of each bake (telemetry/analysis.py): the bundle's SLO, and these
+    max_error_rate: float | None = None
+    max_drift: float | None = None
+    gate: bool = True
+    gate_min_requests: int = 50
+    gate_every: float = 10.0
 
     def check(self) -> None:
         if self.on_halt not in ("pause", "rollback"):
             raise UsageError("--on-halt is pause or rollback")
         if self.parallel < 1 or self.retries < 0 or self.min_devices < 1 or self.timeout <= 0 or self.bake < 0:
             raise UsageError("--parallel, --min-devices >= 1; --retries, --bake >= 0; --timeout > 0")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate <= 1:
+            raise UsageError("--max-error-rate is a share in [0, 1] (0.01 = 1 %)")
+        if self.max_drift is not None and not self.max_drift > 0:
+            raise UsageError("--max-drift is a PSI > 0 (0.25 = drifted)")
+        if self.gate_min_requests < 1 or self.gate_every <= 0:
+            raise UsageError("--gate-min-requests >= 1, --gate-every > 0")
+        if (self.max_error_rate is not None or self.max_drift is not None) and not self.bake:
+            raise UsageError("--max-error-rate/--max-drift are judged during --bake; give --bake SECONDS")
         P.Threshold.parse(self.max_failures)
         P.Rate.parse(self.rate, self.ramp)
         P.parse_waves(self.waves)
@@ -110,14 +124,74 @@ def start(devices: list[Device], bundles: dict[str, Path], opts: Options, journa
     return journal.create(asdict(opts), info, [[(m.name, m.target) for m in w.devices] for w in waves])
 
 
-def _scheduler(r: dict, opts: Options) -> P.Scheduler:
+def gates(bundles: dict, opts: Options) -> dict:
+    """target -> the telemetry gate its bake applies (analysis.Gate), for targets where one is on:
+    the bundle's SLO (its percentile), --max-error-rate, --max-drift. Empty: bake is a plain wait."""
+    from ..agent import verifier as v
+    from ..telemetry.analysis import Gate
+
+    if not opts.bake or not opts.gate:
+        return {}
+    out = {}
+    for t, b in bundles.items():
+        slo = v.peek(Path(b["path"]))[1]["signed"].get("slo") or {}
+        g = Gate(slo_ms=slo.get("latency_ms"), percentile=slo.get("percentile", "p99"),
+                 max_error_rate=opts.max_error_rate, max_drift=opts.max_drift, min_requests=opts.gate_min_requests)
+        if g.active():
+            out[t] = g
+    return out
+
+
+def _judge(rid: str, r: dict, wave: int, s: P.Scheduler, gate_by_target: dict, journal: Journal, inv: Inventory,
+           *, final: bool, say) -> str | None:
+    """Collect telemetry from WAVE's installed devices and judge the new version on each; the
+    halt reason on a breach. Journaled either way."""
+    from ..telemetry import analysis as A
+    from ..telemetry.collect import collect
+    from ..telemetry.store import Store
+
+    rows = {d["device"]: d for d in r["devices"]}
+    names = [n for n, run in s.runs.items() if run.wave == wave and run.state == "succeeded"
+             and rows[n]["target"] in gate_by_target]
+    if not names:
+        return None
+    store = Store()
+    pulled = collect([inv.get(n) for n in names], store, parallel=8)
+    verdict = {"breach": [], "pending": [], "checked": {}}
+    fresh = journal.get(rid)
+    info = {d["device"]: {"since": d["started"], "previous": d["previous_version"]} for d in fresh["devices"]}
+    for t, g in gate_by_target.items():
+        group = {n: info[n] for n in names if rows[n]["target"] == t}
+        if not group:
+            continue
+        b = r["bundles"][t]
+        res = A.judge(store, g, b["name"], b["version"], group, final=final)
+        for k in verdict:
+            verdict[k] += res[k] if isinstance(res[k], list) else []
+        verdict["checked"].update(res["checked"])
+    unreachable = {p.device: p.error for p in pulled if not p.ok}
+    journal.rollout(rid, event="gate" + (" final" if final else ""),
+                    detail={"wave": wave, "breach": verdict["breach"], "pending": verdict["pending"],
+                            "checked": verdict["checked"], "collect_failed": unreachable})
+    if verdict["breach"]:
+        dev, reason, msg = verdict["breach"][0]
+        more = f" (+{len(verdict['breach']) - 1} more)" if len(verdict["breach"]) > 1 else ""
+        return f"bake gate: {reason} on {dev}: {msg}{more}"
+    if final:
+        say(f"bake gate passed for wave {wave}: " + ", ".join(
+            f"{n} {x.get('requests')} req" + (f" p99 {x['p99_ms']:.2f} ms" if x.get("p99_ms") else "")
+            for n, x in sorted(verdict["checked"].items())))
+    return None
+
+
+def _scheduler(r: dict, opts: Options, gated: bool = False) -> P.Scheduler:
     by_wave: dict[int, list[P.Member]] = {}
     for d in r["devices"]:
         by_wave.setdefault(d["wave"], []).append(P.Member(d["device"], d["target"]))
     waves = [P.Wave(i, f"wave {i}", by_wave[i]) for i in sorted(by_wave)]
     s = P.Scheduler(waves, parallel=opts.parallel, rule=P.AbortRule(P.Threshold.parse(opts.max_failures),
                                                                      opts.min_devices),
-                    retries=opts.retries, rate=P.Rate.parse(opts.rate, opts.ramp), bake=opts.bake)
+                    retries=opts.retries, rate=P.Rate.parse(opts.rate, opts.ramp), bake=opts.bake, gated=gated)
     for d in r["devices"]:
         run = s.runs[d["device"]]
         run.attempts = d["attempts"]
@@ -163,7 +237,12 @@ def run(rid: str, journal: Journal, *, progress: Callable[[str], None] = lambda 
     opts = Options(**r["params"])
     journal.rollout(rid, state="running", control=None, halted_reason=None, event="run")
     _in_flight_truth(r, journal, inv, progress)
-    s = _scheduler(r, opts)
+    gate_by_target = gates(r["bundles"], opts)
+    s = _scheduler(r, opts, gated=bool(gate_by_target))
+    last_check = 0.0
+    if gate_by_target:
+        for t, g in sorted(gate_by_target.items()):
+            progress(f"bake gate ({t}): {g.text()}")
     devices = {d["device"]: d for d in r["devices"]}
     pool = cf.ThreadPoolExecutor(max_workers=opts.parallel, thread_name_prefix="rollout")
     futures: dict[cf.Future, str] = {}
@@ -182,6 +261,21 @@ def run(rid: str, journal: Journal, *, progress: Callable[[str], None] = lambda 
                 s.halt(f"{ctl} requested")
             now = time.time()
             nxt = None if stop else s.next(now)
+            if isinstance(nxt, P.GateCheck) or (isinstance(nxt, float) and gate_by_target and s.baking() is not None
+                                               and now - last_check >= opts.gate_every):
+                final = isinstance(nxt, P.GateCheck)
+                wave = nxt.wave if final else s.baking()
+                last_check = now
+                why = _judge(rid, r, wave, s, gate_by_target, journal, inv, final=final, say=progress)
+                if why:
+                    s.halt(why)
+                    journal.rollout(rid, state="halted", halted_reason=why, event="halt",
+                                    detail={"reason": why, "known_at": time.time()})
+                    progress(f"HALT: {why}; no other device starts")
+                    stop = "halt"
+                elif final:
+                    s.clear(wave)
+                continue
             if isinstance(nxt, P.DeviceRun):
                 name = nxt.member.name
                 # journaled before the device is touched

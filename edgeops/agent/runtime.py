@@ -1,0 +1,348 @@
+"""The runtime an app uses on the device: the current model of a name, run with onnxruntime, with
+telemetry recorded for the version that answered. numpy + onnxruntime + standard library (the
+agent package's rule).
+
+    rt = Runtime(ROOT, "kws")            # ROOT: the agent's folder on the device
+    outputs = rt.run({"input": x})       # a list, like InferenceSession.run(None, feeds)
+    rt.close()                           # flushes what is still in memory
+
+A switch to the other slot (an install or a rollback) is picked up without a restart and without
+a failed request: a watcher thread notices the `current` link (or the manifest in it) changed,
+loads the new model beside the old one, then swaps a single reference. Requests already running
+finish on the model they started with, and are recorded under that model's version.
+
+What a request costs on top of `session.run`: two clock reads, a histogram bucket, a finiteness
+and shape check of the outputs and one feature reduction per tensor (a channel mean or a small
+copy). Binning, PSI counts, device health and every spool write happen in the flush thread, so
+inference never waits on the disk. Raw inputs are never recorded unless `capture` (a sampling
+probability) is set, and then within `capture_bytes`.
+
+Errors recorded per window: `exception` (the model raised), `shape` (inputs or outputs of the
+wrong shape), `nonfinite` (NaN or inf in a float output). The request still raises, or returns
+the non-finite output: the runtime records, the app decides.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import profile as P
+from .ort import describe, session
+from .slots import MANIFEST, Layout
+from .spool import DEFAULT_CAP, Spool, default_path
+
+MAX_DRIFT_ROWS = 200_000      # feature rows kept per window and tensor before sampling stops
+
+
+class NoModel(Exception):
+    """No current model of that name on this device."""
+
+
+class _Model:
+    """One loaded version: the session and what telemetry needs to know about it."""
+
+    def __init__(self, layout: Layout, name: str, threads: int):
+        link = layout.current_link(name)
+        try:
+            self.key = _key(link)
+            doc = json.loads((link / MANIFEST).read_text())
+            self.manifest = doc.get("signed", doc)
+        except (OSError, ValueError, KeyError) as exc:
+            raise NoModel(f"no current model {name!r} under {layout.models} ({exc})") from None
+        self.slot = os.readlink(link)
+        self.name, self.version = name, self.manifest["version"]
+        self.session = session(layout.stable_model_path(name), threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        prof = ((self.manifest.get("telemetry") or {}).get("profile")) or {}
+        # copies: binning caches its edge matrix in the profile dict, never in the manifest's
+        self.in_prof = {k: dict(p) for k, p in (prof.get("inputs") or {}).items() if k in self.inputs}
+        self.out_prof = {k: dict(p) for k, p in (prof.get("outputs") or {}).items() if k in self.outputs}
+        # expected per-sample output shapes (axis 0 is the batch) from the health references
+        exp = (self.manifest.get("health") or {}).get("expected") or {}
+        self.out_shape = {n: tuple(e["shape"][1:]) for n, e in exp.items() if len(e.get("shape", [])) >= 1}
+        self.float_out = [i for i, o in enumerate(self.session.get_outputs()) if "float" in (o.type or "")]
+
+
+def _key(link: Path):
+    st = os.stat(link / MANIFEST)
+    return os.readlink(link), st.st_ino, st.st_mtime_ns
+
+
+class _Window:
+    __slots__ = ("t0", "count", "errors", "lat", "ins", "outs", "first_error", "rows")
+
+    def __init__(self):
+        self.t0 = time.time()
+        self.count = 0
+        self.errors: dict[str, int] = {}
+        self.lat: dict[int, int] = {}
+        self.ins: dict[str, list] = {}
+        self.outs: dict[str, list] = {}
+        self.first_error: str | None = None
+        self.rows = 0
+
+
+class Runtime:
+    def __init__(self, root: str | Path, name: str, *, threads: int = 1, flush_s: float = 10.0,
+                 health_s: float = 60.0, watch_s: float = 0.25, cap_bytes: int = DEFAULT_CAP,
+                 capture: float = 0.0, capture_bytes: int = 0, drift: bool = True, telemetry: bool = True):
+        if capture and not capture_bytes:
+            raise ValueError("capture needs capture_bytes (a cap on the raw inputs kept)")
+        self.layout = Layout(root)
+        self.name, self.threads = name, threads
+        self.flush_s, self.health_s, self.watch_s = flush_s, health_s, watch_s
+        self.capture, self.capture_bytes, self.drift = float(capture), int(capture_bytes), drift
+        self.model = _Model(self.layout, name, threads)
+        self._known = {self.model.version: self.model}     # versions with windows still in memory
+        self.spool = Spool(default_path(root), cap_bytes=cap_bytes) if telemetry else None
+        self._lock = threading.Lock()
+        self._windows: dict[str, _Window] = {}
+        self._captured: list[tuple[str, float, dict]] = []
+        self._captured_bytes = 0
+        self._events: list[tuple[str, str, dict]] = []
+        self._stop = threading.Event()
+        self._last_health = 0.0
+        self._profiled: set[str] = set()     # versions whose profile record is in the spool
+        self.reloads = 0
+        self._threads = [threading.Thread(target=self._watch, name="edgeops-watch", daemon=True)]
+        if self.spool is not None:
+            self._threads.append(threading.Thread(target=self._flusher, name="edgeops-flush", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def run(self, feeds: dict, names: list[str] | None = None) -> list:
+        m = self.model                          # one version for the whole request
+        t0 = time.perf_counter()
+        try:
+            outs = m.session.run(names, feeds)
+        except Exception as exc:
+            msg = describe(exc)
+            kind = "shape" if any(s in msg.lower() for s in ("dimension", "rank", "shape")) else "exception"
+            self._error(m, kind, msg)
+            raise
+        dt = time.perf_counter() - t0
+        if self.spool is not None:
+            self._record(m, dt, feeds, names, outs)
+        return outs
+
+    def _record(self, m: _Model, dt: float, feeds: dict, names, outs) -> None:
+        err = None
+        onames = names or m.outputs
+        for i, o in enumerate(outs):
+            if isinstance(o, np.ndarray):
+                if o.dtype.kind == "f" and not np.isfinite(o).all():
+                    err = "nonfinite"
+                want = m.out_shape.get(onames[i])
+                if want is not None and o.shape[1:] != want:
+                    err = err or "shape"
+        ins = outs_f = None
+        if self.drift:
+            ins = [(k, P.reduce(feeds[k], p)) for k, p in m.in_prof.items() if k in feeds]
+            outs_f = [(k, P.reduce(o, m.out_prof[k])) for k, o in zip(onames, outs) if k in m.out_prof]
+        with self._lock:
+            w = self._windows.get(m.version)
+            if w is None:
+                w = self._windows[m.version] = _Window()
+            w.count += 1
+            b = P.bucket(dt)
+            w.lat[b] = w.lat.get(b, 0) + 1
+            if err:
+                w.errors[err] = w.errors.get(err, 0) + 1
+                w.first_error = w.first_error or f"{err} in an output"
+            if ins is not None and w.rows < MAX_DRIFT_ROWS:
+                w.rows += 1
+                for k, x in ins:
+                    w.ins.setdefault(k, []).append(x)
+                for k, x in outs_f:
+                    w.outs.setdefault(k, []).append(x)
+            if self.capture and random.random() < self.capture:
+                self._capture(m, feeds)
+
+    def _capture(self, m: _Model, feeds: dict) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in feeds.items()})
+        data = buf.getvalue()
+        if self._captured_bytes + len(data) > self.capture_bytes:
+            return
+        self._captured_bytes += len(data)
+        self._captured.append((m.version, time.time(), {"npz_b64": base64.b64encode(data).decode(),
+                                                         "bytes": len(data)}))
+
+    def _error(self, m: _Model, kind: str, msg: str) -> None:
+        if self.spool is None:
+            return
+        with self._lock:
+            w = self._windows.get(m.version)
+            if w is None:
+                w = self._windows[m.version] = _Window()
+            w.count += 1
+            w.errors[kind] = w.errors.get(kind, 0) + 1
+            w.first_error = w.first_error or msg[:300]
+
+    # ------------------------------------------------------------------ background
+    def _watch(self) -> None:
+        link = self.layout.current_link(self.name)
+        while not self._stop.wait(self.watch_s):
+            try:
+                key = _key(link)
+            except OSError:
+                continue                        # mid-switch or no model: keep serving the loaded one
+            if key == self.model.key:
+                continue
+            old = self.model
+            try:
+                new = _Model(self.layout, self.name, self.threads)
+            except Exception as exc:  # noqa: BLE001 - keep serving the old model, say why
+                self._events.append(("event", old.version, {"event": "reload failed", "error": str(exc)[:300]}))
+                continue
+            self._known = {old.version: old, new.version: new}
+            self.model = new
+            self.reloads += 1
+            self._events.append(("event", new.version, {"event": "runtime switched", "from": old.version,
+                                                        "to": new.version, "slot": new.slot}))
+
+    def _flusher(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            self.flush()
+
+    def flush(self) -> list[int]:
+        """Write what is in memory to the spool (the flush thread does this every flush_s)."""
+        if self.spool is None:
+            return []
+        with self._lock:
+            windows, self._windows = self._windows, {}
+            captured, self._captured, self._captured_bytes = self._captured, [], 0
+        events, self._events = self._events, []
+        now = time.time()
+        rows = []
+        for version, w in windows.items():
+            m = self._known.get(version)
+            body = {"t0": w.t0, "t1": now, "count": w.count, "errors": w.errors, "lat": w.lat}
+            if w.first_error:
+                body["first_error"] = w.first_error
+            if m is not None:
+                body["inputs"] = _binned(w.ins, m.in_prof)
+                body["outputs"] = _binned(w.outs, m.out_prof)
+            rows.append(("window", self.name, version, now, body))
+        for version, t, body in captured:
+            rows.append(("sample", self.name, version, t, body))
+        for kind, version, body in events:
+            rows.append((kind, self.name, version, now, body))
+        new_profiles = []
+        for version, m in list(self._known.items()):
+            tele = m.manifest.get("telemetry") or {}
+            if version not in self._profiled and tele.get("profile"):
+                # what the host needs to read this version's windows: the reference bins and the SLO
+                rows.append(("profile", self.name, version, now, {"profile": tele["profile"], "source": tele.get("source"),
+                                                                  "slo": m.manifest.get("slo")}))
+                new_profiles.append(version)
+        if now - self._last_health >= self.health_s:
+            self._last_health = now
+            rows.append(("health", None, None, now, device_health(self.layout, self.spool)))
+        try:
+            seqs = self.spool.append(rows)
+            self._profiled.update(new_profiles)
+            return seqs
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop inference
+            import sys
+
+            sys.stderr.write(f"edgeops runtime: telemetry not written ({exc})\n")
+            return []
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        # an older window recorded while a switch happened keeps its own model's profile
+        self.flush()
+        if self.spool is not None:
+            self.spool.close()
+
+
+def _binned(feats: dict[str, list], profs: dict) -> dict:
+    out = {}
+    for k, rows in feats.items():
+        rows = [r for r in rows if r is not None]
+        if not rows or k not in profs:
+            continue
+        x = np.concatenate(rows, axis=0)
+        out[k] = {"n": int(x.shape[0]), "counts": P.bin_counts(x, profs[k])}
+    return out
+
+
+def device_health(layout: Layout, spool: Spool | None = None) -> dict:
+    """CPU load, memory, disk, temperatures, agent state: what a health record holds."""
+    h: dict = {}
+    try:
+        h["load"] = list(os.getloadavg())
+    except OSError:
+        pass
+    h["cpus"] = os.cpu_count()
+    try:
+        mem = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, _, rest = line.partition(":")
+            if k in ("MemTotal", "MemAvailable"):
+                mem[k] = int(rest.split()[0]) * 1024
+        h["mem_total"], h["mem_available"] = mem.get("MemTotal"), mem.get("MemAvailable")
+    except OSError:
+        pass
+    try:
+        du = shutil.disk_usage(layout.root)
+        h["disk_total"], h["disk_free"] = du.total, du.free
+    except OSError:
+        pass
+    temps = {}
+    for z in sorted(Path("/sys/class/thermal").glob("thermal_zone*")):
+        try:
+            temps[(z / "type").read_text().strip() or z.name] = int((z / "temp").read_text()) / 1000.0
+        except (OSError, ValueError):
+            continue
+    h["temperature_c"] = temps            # empty where the kernel exposes no thermal zone
+    try:
+        st = json.loads((layout.root / "state.json").read_text())
+        h["agent"] = {"models": {n: m.get("version") for n, m in (st.get("models") or {}).items()},
+                      "transaction": (st.get("transaction") or {}).get("step")}
+    except (OSError, ValueError):
+        h["agent"] = None
+    if spool is not None:
+        s = spool.stats()
+        h["spool"] = {k: s[k] for k in ("pending", "bytes", "cap_bytes", "dropped", "file_bytes")}
+    return h
+
+
+def random_inputs(manifest: dict, rng: np.random.Generator, shift: float = 0.0) -> dict:
+    """Inputs shaped like the bundle's reference inputs, drawn like its profile data: floats
+    normal with the profile's mean and std (+ SHIFT standard deviations), integers 0..9 (ones for
+    masks), bools random."""
+    prof = (((manifest.get("telemetry") or {}).get("profile")) or {}).get("inputs") or {}
+    feeds = {}
+    for name, ref in (manifest.get("health") or {}).get("inputs", {}).items():
+        shape, dt = tuple(ref["shape"]), np.dtype(ref["dtype"])
+        p = prof.get(name) or {}
+        if dt.kind == "f":
+            mean, std = float(p.get("mean", 0.0)), float(p.get("std", 1.0)) or 1.0
+            feeds[name] = (rng.standard_normal(shape) * std + mean + shift * std).astype(dt)
+        elif dt.kind in "iu":
+            feeds[name] = np.ones(shape, dt) if "mask" in name.lower() else (rng.integers(0, 10, shape) + int(shift)).astype(dt)
+        elif dt.kind == "b":
+            feeds[name] = rng.random(shape) < 0.5
+        else:
+            raise ValueError(f"cannot generate inputs of dtype {dt} for {name!r}")
+    return feeds
