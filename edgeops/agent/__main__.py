@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interval-ms", type=float, default=0.0, help="pause between requests (per stream)")
     p.add_argument("--concurrency", type=int, default=1, help="request streams in parallel (threads)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="reuse N generated inputs per stream (cheap load generation; 0: fresh inputs, for drift)")
     p.add_argument("--for", dest="seconds", type=float, help="stop after this many seconds")
     _runtime_args(p)
     p = sub.add_parser("serve", help="KServe v2 REST server for one model (localhost by default)")
@@ -301,11 +303,19 @@ def _telemetry_cmd(agent, args) -> int:
 
         def stream(seed: int) -> None:
             rng = np.random.default_rng(seed)
+            pool, pool_version, i = [], None, 0
             while not stop and not (t_end and time.time() >= t_end):
                 with lock:
                     if next(budget, None) is None:
                         return
-                feeds = random_inputs(rt.model.manifest, rng, args.shift)
+                if args.pool > 0:
+                    if pool_version != rt.version:        # another model: other input shapes
+                        pool_version = rt.version
+                        pool = [random_inputs(rt.model.manifest, rng, args.shift) for _ in range(args.pool)]
+                    feeds = pool[i % len(pool)]
+                    i += 1
+                else:
+                    feeds = random_inputs(rt.model.manifest, rng, args.shift)
                 t = time.perf_counter()
                 err = 0
                 try:

@@ -153,8 +153,12 @@ def _profile(model: Path, data: Path | None, shapes: dict | None, samples: int, 
     runner = onnx_fmt.OnnxRunner(model, threads=1)
     if data is not None:
         feeds = verify.load_inputs(data, runner.signature)
-        n = min(len(a) if np.ndim(a) else 1 for a in feeds.values())
-        rows = [{k: a[i:i + 1] for k, a in feeds.items()} for i in range(min(n, samples))]
+        lengths = {len(a) if np.ndim(a) else None for a in feeds.values()}
+        if len(lengths) == 1 and None not in lengths:     # axis 0 is the samples axis of every input
+            n = lengths.pop()
+            rows = [{k: a[i:i + 1] for k, a in feeds.items()} for i in range(min(n, samples))]
+        else:       # a scalar input (e.g. a sample rate) or unequal first axes: the file is one sample
+            rows = [feeds]
         source = f"{data.name}, {len(rows)} sample(s)"
     else:
         rows = None
@@ -304,8 +308,16 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
         proto = onnx.load(str(model), load_external_data=False)
         ins, exp_out, source = _reference(model, proto, inputs, shapes, atol, rtol, work / "reference")
         progress("profiling inputs and outputs for drift (telemetry reference)")
-        tele = _profile(model, profile_data if profile_data is not None else inputs, shapes,
-                        max(1, int(profile_samples)), progress)
+        try:
+            tele = _profile(model, profile_data if profile_data is not None else inputs, shapes,
+                            max(1, int(profile_samples)), progress)
+        except EdgeopsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - said in the manifest and as a warning, never silent
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            tele = {"profile": None, "error": why, "source": None, "samples": 0}
+            warnings.append(f"no drift profile (telemetry reports no PSI for this bundle): {why}; "
+                            "pass --profile-data with real samples")
         members: dict[str, Path] = {}
         for rel in sorted(rec.files):
             members[f"payload/model/{rel}"] = work / "model" / rel

@@ -249,8 +249,9 @@ def bundle_build(ref, target, keys_, threshold, expires, slo_ms, slo_percentile,
     o.print(f"  health: {len(m['health']['inputs'])} input(s), {len(m['health']['expected'])} expected output(s)"
             + (f", SLO {m['slo']['percentile']} <= {m['slo']['latency_ms']} ms" if m["slo"] else ""))
     t = m.get("telemetry") or {}
-    o.print(f"  drift profile: {len(t['profile']['inputs'])} input(s), {len(t['profile']['outputs'])} output(s) "
-            f"from {_esc(t['source'])}")
+    if t.get("profile"):
+        o.print(f"  drift profile: {len(t['profile']['inputs'])} input(s), {len(t['profile']['outputs'])} output(s) "
+                f"from {_esc(t['source'])}")
     for w in res.warnings:
         _err().print(f"[yellow]warning:[/] {_esc(w)}")
 

@@ -109,8 +109,12 @@ def telemetry_show(model, selector, since, as_json):
     for r in rows:
         t.add_row(_esc(r["model"]), _esc(r["version"]), _esc(r["device"]), str(r["count"]), f(r["p50_ms"], 3),
                   f(r["p99_ms"], 3), f"{r['error_rate'] * 100:.1f} %", f(r["psi_in"]), f(r["psi_out"]),
-                  "[red]" + _esc("; ".join(r["alerts"])) + "[/]" if r["alerts"] else "")
-    _out().print(t)
+                  f"[red]{len(r['alerts'])}[/]" if r["alerts"] else "0")
+    o = _out()
+    o.print(t)
+    for r in rows:
+        for a in r["alerts"]:
+            o.print(f"[red]alert[/] {_esc(r['device'])} {_esc(r['model'])}:{_esc(r['version'])}: {_esc(a)}")
 
 
 @telemetry.command("serve")
