@@ -273,3 +273,116 @@ def _get_retry(url: str, proc, timeout: float = 30) -> str:
         except OSError:
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else url
             time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------ the bake gate
+def _load_model(path: Path, width: int, seed: int) -> Path:
+    """x[32, 1024] -> MatMul [1024, width] -> Relu -> MatMul [width, 8] -> Softmax. width 16 costs
+    ~0.03 ms, width 1024 ~2.4 ms of one core."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((1024, width)) / 32).astype(np.float32), "w")
+    w2 = numpy_helper.from_array((rng.standard_normal((width, 8)) / np.sqrt(width)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    g = helper.make_graph(nodes, "load", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 1024])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 8])], [w, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+SLO_MS = 45.0
+
+
+@pytest.fixture(scope="module")
+def gated(testbed, world):
+    """g0, g1: 25 % of a core; h0: unrestricted. All run load 1.0.0 (light) under app traffic."""
+    from edgeops.bundle import build as b
+    from edgeops.registry import open_registry
+
+    base = world["base"]
+    reg = open_registry()
+    reg.add(_load_model(base / "light.onnx", 16, 0), "load", version="1.0.0")
+    reg.add(_load_model(base / "heavy.onnx", 1024, 1), "load", version="2.0.0")
+    v1 = b.build("load:1.0.0", "host", [world["signer"]], base / "load-1.bundle").path
+    v2 = b.build("load:2.0.0", "host", [world["signer"]], base / "load-2.bundle", slo_ms=SLO_MS).path
+    devs = {}
+    try:
+        for n, quota in (("g0", 0.25), ("g1", 0.25), ("h0", None)):
+            devs[n] = testbed.add_device(n, cpu_quota=quota)
+            D.enrol(n, devs[n].spec, testbed.key_path, target="host", host_key=devs[n].host_key,
+                    python=devs[n].python)
+            assert D.deploy(Inventory().get(n), v1, health_runs=3).ok
+        yield {"devices": devs, "v1": v1, "v2": v2}
+    finally:
+        for d in devs.values():
+            testbed.stop_device(d)
+
+
+class _Traffic:
+    """The app on each device: 8 request streams, one request per 40 ms each, through the runtime
+    (light for 1.0.0, 2.4 ms of CPU per request for 2.0.0), until stopped."""
+
+    def __init__(self, names, seconds: float):
+        self.results, self.threads = {}, []
+        for n in names:
+            t = threading.Thread(target=self._run, args=(n, seconds), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _run(self, name, seconds):
+        dev = Inventory().get(name)
+        link = D.link_for(dev)
+        try:
+            self.results[name] = link.agent("infer", "load", "--random", "100000000", "--for", str(seconds),
+                                            "--concurrency", "8", "--interval-ms", "40", "--pool", "8",
+                                            "--flush", "1", timeout=seconds + 120)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.results[name] = exc
+        finally:
+            link.close()
+
+    def join(self):
+        for t in self.threads:
+            t.join(timeout=300)
+
+
+@pytest.mark.ssh
+def test_rollout_halts_in_bake_on_a_latency_regression_under_load(gated, tmp_path, monkeypatch):
+    from edgeops.fleet import rollout as R
+    from edgeops.fleet.journal import Journal
+
+    monkeypatch.setenv("EDGEOPS_TELEMETRY_URL", "sqlite://" + str(tmp_path / "t.db"))
+    inv = Inventory()
+    devs = [inv.get(n) for n in ("g0", "g1", "h0")]
+    traffic = _Traffic(["g0", "g1", "h0"], 75)
+    time.sleep(3)
+    j = Journal()
+    opts = R.Options(waves="2,100%", canary=False, parallel=2, bake=30, gate_every=4, health_runs=30,
+                     max_failures="1", gate_min_requests=40)
+    rid = R.start(devs, {"host": gated["v2"]}, opts, j)
+    said = []
+    t0 = time.time()
+    res = R.run(rid, j, progress=said.append)
+    took = time.time() - t0
+    traffic.join()
+    states = {d["device"]: d["state"] for d in res["devices"]}
+    print("devices:", [(d["device"], d["state"], d["reason"], (d["message"] or "")[:200]) for d in res["devices"]])
+    assert res["state"] == "halted", (res, said)
+    assert res["halted_reason"].startswith("bake gate: LATENCY on g"), res["halted_reason"]
+    assert states == {"g0": "succeeded", "g1": "succeeded", "h0": "skipped"}      # nobody started after it
+    # the install's own health check passed the SLO on the quota'd devices (single requests) ...
+    for n in ("g0", "g1"):
+        st = D.status(inv.get(n))["models"]["load"]
+        assert st["version"] == "2.0.0" and st["health"]["latency_ms"]["p99"] <= SLO_MS, st["health"]
+    # ... only the app's real load pushed its p99 over, seen in the telemetry, device by device
+    store = Store()
+    row = {r["device"]: r for r in A.summarize(store, model="load") if r["version"] == "2.0.0"}
+    assert row["g0"]["p99_ms"] > SLO_MS or row["g1"]["p99_ms"] > SLO_MS, row
+    print("figures:", {n: (D.status(inv.get(n))["models"]["load"]["health"]["latency_ms"], row[n]["p99_ms"],
+                           row[n]["count"]) for n in ("g0", "g1")}, res["halted_reason"], f"{took:.0f}s")
+    assert any("bake gate" in m for m in said), said
+    assert took < 30 + 120, took          # halted during the bake, by an in-bake check or its final one
+    for n, r in traffic.results.items():
+        assert not isinstance(r, Exception) and r[1]["errors"] == 0, (n, r)

@@ -319,13 +319,13 @@ def _telemetry_cmd(agent, args) -> int:
                 t = time.perf_counter()
                 err = 0
                 try:
-                    rt.run(feeds)
-                except Exception:  # noqa: BLE001 - recorded by the runtime; counted here
-                    err = 1
+                    version = rt.infer(feeds)[1]
+                except Exception as exc:  # noqa: BLE001 - recorded by the runtime; counted here
+                    err, version = 1, getattr(exc, "edgeops_version", rt.version)
                 b = P.bucket(time.perf_counter() - t)
                 with lock:
                     hist[b] = hist.get(b, 0) + 1
-                    versions[rt.version] = versions.get(rt.version, 0) + 1
+                    versions[version] = versions.get(version, 0) + 1
                     counts["done"] += 1
                     counts["errors"] += err
                 if args.interval_ms:

@@ -112,15 +112,15 @@ def reduce(arr, spec: dict) -> np.ndarray | None:
     if mode == "channel":
         if a.ndim < 3 or a.shape[1] != spec["features"]:
             return None
-        return a.reshape(a.shape[0], a.shape[1], -1).mean(axis=-1, dtype=np.float64)
+        return a.reshape(a.shape[0], a.shape[1], -1).mean(axis=-1).astype(np.float64)
     flat = _per_sample(a)
     per = flat.shape[1]
     g = min(spec["features"], per)
     if g != spec["features"]:
         return None
     idx = (np.arange(g) * per) // g
-    sums = np.add.reduceat(flat.astype(np.float64), idx, axis=1)
-    return sums / np.diff(np.append(idx, per))
+    sums = np.add.reduceat(flat if flat.dtype.kind == "f" else flat.astype(np.float64), idx, axis=1)
+    return sums.astype(np.float64) / np.diff(np.append(idx, per))
 
 
 def build(arr, labels: bool = False) -> dict:

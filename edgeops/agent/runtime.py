@@ -12,8 +12,9 @@ loads the new model beside the old one, then swaps a single reference. Requests 
 finish on the model they started with, and are recorded under that model's version.
 
 What a request costs on top of `session.run`: two clock reads, a histogram bucket, a finiteness
-and shape check of the outputs and one feature reduction per tensor (a channel mean or a small
-copy). Binning, PSI counts, device health and every spool write happen in the flush thread, so
+and shape check of the outputs, and, for as many requests as fit in 1 % of the time spent in the
+model plus 10 us per request, one feature reduction per tensor (a channel mean or a small copy): a cheap model with big
+inputs gets its drift from a sample of its requests (each window's `n` says how many). Binning, PSI counts, device health and every spool write happen in the flush thread, so
 inference never waits on the disk. Raw inputs are never recorded unless `capture` (a sampling
 probability) is set, and then within `capture_bytes`.
 
@@ -42,6 +43,8 @@ from .slots import MANIFEST, Layout
 from .spool import DEFAULT_CAP, Spool, default_path
 
 MAX_DRIFT_ROWS = 200_000      # feature rows kept per window and tensor before sampling stops
+DRIFT_BUDGET = 0.01           # drift features take at most this share of the time spent in the model
+DRIFT_FLOOR = 1e-5            # ... plus this much per request (tiny models with tiny inputs: every request)
 
 
 class NoModel(Exception):
@@ -114,6 +117,8 @@ class Runtime:
         self._stop = threading.Event()
         self._last_health = 0.0
         self._profiled: set[str] = set()     # versions whose profile record is in the spool
+        self._model_time = self._drift_time = 0.0
+        self._requests = 0
         self.reloads = 0
         self._threads = [threading.Thread(target=self._watch, name="edgeops-watch", daemon=True)]
         if self.spool is not None:
@@ -127,6 +132,10 @@ class Runtime:
         return self.model.version
 
     def run(self, feeds: dict, names: list[str] | None = None) -> list:
+        return self.infer(feeds, names)[0]
+
+    def infer(self, feeds: dict, names: list[str] | None = None) -> tuple[list, str]:
+        """Like run, and the version that answered (a switch may land between two requests)."""
         m = self.model                          # one version for the whole request
         t0 = time.perf_counter()
         try:
@@ -135,11 +144,15 @@ class Runtime:
             msg = describe(exc)
             kind = "shape" if any(s in msg.lower() for s in ("dimension", "rank", "shape")) else "exception"
             self._error(m, kind, msg)
+            try:
+                exc.edgeops_version = m.version
+            except AttributeError:
+                pass
             raise
         dt = time.perf_counter() - t0
         if self.spool is not None:
             self._record(m, dt, feeds, names, outs)
-        return outs
+        return outs, m.version
 
     def _record(self, m: _Model, dt: float, feeds: dict, names, outs) -> None:
         err = None
@@ -152,9 +165,13 @@ class Runtime:
                 if want is not None and o.shape[1:] != want:
                     err = err or "shape"
         ins = outs_f = None
-        if self.drift:
+        self._model_time += dt
+        self._requests += 1
+        if self.drift and self._drift_time <= DRIFT_BUDGET * self._model_time + DRIFT_FLOOR * self._requests:
+            t = time.perf_counter()
             ins = [(k, P.reduce(feeds[k], p)) for k, p in m.in_prof.items() if k in feeds]
             outs_f = [(k, P.reduce(o, m.out_prof[k])) for k, o in zip(onames, outs) if k in m.out_prof]
+            self._drift_time += time.perf_counter() - t
         with self._lock:
             w = self._windows.get(m.version)
             if w is None:

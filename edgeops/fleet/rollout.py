@@ -166,8 +166,8 @@ def _judge(rid: str, r: dict, wave: int, s: P.Scheduler, gate_by_target: dict, j
             continue
         b = r["bundles"][t]
         res = A.judge(store, g, b["name"], b["version"], group, final=final)
-        for k in verdict:
-            verdict[k] += res[k] if isinstance(res[k], list) else []
+        verdict["breach"] += res["breach"]
+        verdict["pending"] += res["pending"]
         verdict["checked"].update(res["checked"])
     unreachable = {p.device: p.error for p in pulled if not p.ok}
     journal.rollout(rid, event="gate" + (" final" if final else ""),
