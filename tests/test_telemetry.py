@@ -109,8 +109,8 @@ def test_profile_psi_and_histogram_are_sound():
 def test_infer_records_counts_latency_and_drift(world, tmp_path):
     root = _device(tmp_path, world)
     assert _agent(root, "install", world["bundles"]["1.0.0"], "--runs", "3", code=0)["ok"]
-    r = _agent(root, "infer", "clf", "--random", "600", "--flush", "0.2", code=0)
-    assert r["requests"] == 600 and r["errors"] == 0 and r["versions"] == {"1.0.0": 600}
+    r = _agent(root, "infer", "clf", "--random", "4000", "--flush", "0.2", code=0)
+    assert r["requests"] == 4000 and r["errors"] == 0 and r["versions"] == {"1.0.0": 4000}
     store = _store(tmp_path)
     got = pull(LocalLink(root), store, "d1")
     assert got.inserted >= 3 and got.pending == 0            # acknowledged: the device spool is empty
@@ -122,15 +122,15 @@ def test_infer_records_counts_latency_and_drift(world, tmp_path):
     assert h["mem_available"] > 0 and h["disk_free"] > 0 and h["agent"]["models"] == {"clf": "1.0.0"}
     assert "temperature_c" in h                                # {} where the machine has no thermal zone
     row, = A.summarize(store)
-    assert row["count"] == 600 and row["error_rate"] == 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert row["count"] == 4000 and row["error_rate"] == 0 and 0 < row["p50_ms"] <= row["p99_ms"]
     assert row["drift"]["input:x"]["n"] >= 200       # drift is computed on (a sample of) the requests
     assert row["psi_in"] < 0.25 and row["psi_out"] < 0.25 and not row["alerts"]
     # the same device fed shifted inputs: an input drift alert, from its own windows
-    _agent(root, "infer", "clf", "--random", "600", "--shift", "1.5", "--flush", "0.2", code=0)
+    since = time.time()
+    _agent(root, "infer", "clf", "--random", "4000", "--shift", "1.5", "--flush", "0.2", code=0)
     pull(LocalLink(root), store, "d1")
-    since = store.records("window")[-1]["body"]["t0"] - 0.01
     row, = A.summarize(store, since=since)
-    assert row["count"] == 600 and row["psi_in"] > 0.25
+    assert row["count"] == 4000 and row["psi_in"] > 0.25
     assert any(a.startswith("drift: input:x") for a in row["alerts"])
 
 
@@ -320,3 +320,39 @@ def test_spool_cap_drops_raw_samples_first_and_aggregates_last(tmp_path):
     with pytest.raises(SP.SpoolError):
         sp.ack(10, "not-this-spool")
     sp.close()
+
+
+def test_bake_gate_judges_each_device_against_its_own_previous_version(world, tmp_path):
+    """The gate's drift criterion, paired: a retrained model (other weights) moves the output
+    distribution on the device; the same weights re-released do not; a device without requests of
+    the new version is NO_TELEMETRY at the end of the bake (never passed on no data)."""
+    from edgeops.registry import open_registry
+    from test_bundle import _model
+
+    import onnx
+
+    m = onnx.load(str(_model(tmp_path / "same.onnx", seed=0)))
+    m.doc_string = "re-released"            # 1.0.0's weights, another file (the registry dedups by content)
+    onnx.save(m, str(tmp_path / "same.onnx"))
+    open_registry().add(tmp_path / "same.onnx", "clf", version="1.0.1")
+    same = b.build("clf:1.0.1", "host", [world["signer"]], tmp_path / "same.bundle").path
+    store = _store(tmp_path)
+    installed = {}
+    for dev, new in (("d1", world["bundles"]["1.1.0"]), ("d2", same)):
+        root = _device(tmp_path / dev, world)
+        _agent(root, "install", world["bundles"]["1.0.0"], "--runs", "3", code=0)
+        _agent(root, "infer", "clf", "--random", "2000", "--flush", "0.3", code=0)
+        installed[dev] = time.time()
+        _agent(root, "install", new, "--runs", "3", code=0)
+        _agent(root, "infer", "clf", "--random", "2000", "--seed", "7", "--flush", "0.3", code=0)
+        pull(LocalLink(root), store, dev)
+    gate = A.Gate(max_drift=0.25, min_requests=100)
+    r1 = A.judge(store, gate, "clf", "1.1.0", {"d1": {"since": installed["d1"], "previous": "1.0.0"}}, final=True)
+    r2 = A.judge(store, gate, "clf", "1.0.1", {"d2": {"since": installed["d2"], "previous": "1.0.0"}}, final=True)
+    assert r1["checked"]["d1"]["drift_basis"] == "previous version on this device"
+    assert [(d, why) for d, why, _ in r1["breach"]] == [("d1", "DRIFT")], r1
+    assert r2["breach"] == [] and r2["checked"]["d2"]["psi_out"] < 0.1, r2
+    # no requests of the new version on a device: pending during the bake, a breach at its end
+    ghost = {"d1": {"since": time.time() + 3600, "previous": "1.0.0"}}
+    assert A.judge(store, gate, "clf", "1.1.0", ghost, final=False)["pending"] == ["d1"]
+    assert A.judge(store, gate, "clf", "1.1.0", ghost, final=True)["breach"][0][1] == "NO_TELEMETRY"

@@ -237,7 +237,7 @@ def _telemetry_cmd(agent, args) -> int:
             if args.tcmd == "read":
                 from .runtime import device_health
 
-                doc = sp.read(args.after, args.limit)
+                doc = sp.read(args.after, args.limit, raw=True)
                 doc["health_now"] = device_health(agent.layout, sp)
                 return _emit({"ok": True, **doc}, EXIT_OK)
             if args.tcmd == "ack":

@@ -68,7 +68,7 @@ def push(spool: Spool, url: str, *, batch: int = 500, timeout: float = 30.0, lim
     try:
         after = 0
         while True:
-            doc = spool.read(after, limit=batch)
+            doc = spool.read(after, limit=batch, raw=True)
             if not doc["records"]:
                 break
             payload = json.dumps({"device": doc["device"], "spool": doc["spool"], "records": doc["records"],
@@ -86,6 +86,6 @@ def push(spool: Spool, url: str, *, batch: int = 500, timeout: float = 30.0, lim
             if limit is not None and sent >= limit:
                 break
     finally:
+        c.disconnect()          # first: the network thread then ends at once
         c.loop_stop()
-        c.disconnect()
     return {"records": sent, "batches": batches, "bytes": nbytes, "topic": topic}

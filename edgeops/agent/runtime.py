@@ -11,12 +11,13 @@ a failed request: a watcher thread notices the `current` link (or the manifest i
 loads the new model beside the old one, then swaps a single reference. Requests already running
 finish on the model they started with, and are recorded under that model's version.
 
-What a request costs on top of `session.run`: two clock reads, a histogram bucket, a finiteness
-and shape check of the outputs, and, for as many requests as fit in 1 % of the time spent in the
-model plus 10 us per request, one feature reduction per tensor (a channel mean or a small copy): a cheap model with big
-inputs gets its drift from a sample of its requests (each window's `n` says how many). Binning, PSI counts, device health and every spool write happen in the flush thread, so
-inference never waits on the disk. Raw inputs are never recorded unless `capture` (a sampling
-probability) is set, and then within `capture_bytes`.
+What a request costs on top of `session.run`: two clock reads, a finiteness check (one sum) and a
+shape check of the outputs, one tuple appended to a deque (no lock), and, for as many requests as
+fit in 0.5 % of the time spent in the model plus 5 us per request, one feature reduction per tensor
+(a channel mean or a small copy): a cheap model with big inputs gets its drift from a sample of its
+requests (each window's `n` says how many). Histogram buckets, binning, device health and every
+spool write happen in the flush thread, so inference never waits on the disk. Raw inputs are never
+recorded unless `capture` (a sampling probability) is set, and then within `capture_bytes`.
 
 Errors recorded per window: `exception` (the model raised), `shape` (inputs or outputs of the
 wrong shape), `nonfinite` (NaN or inf in a float output). The request still raises, or returns
@@ -26,8 +27,10 @@ the non-finite output: the runtime records, the app decides.
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -43,8 +46,9 @@ from .slots import MANIFEST, Layout
 from .spool import DEFAULT_CAP, Spool, default_path
 
 MAX_DRIFT_ROWS = 200_000      # feature rows kept per window and tensor before sampling stops
-DRIFT_BUDGET = 0.01           # drift features take at most this share of the time spent in the model
-DRIFT_FLOOR = 1e-5            # ... plus this much per request (tiny models with tiny inputs: every request)
+DRIFT_BUDGET = 0.005          # drift features take at most this share of the time spent in the model
+DRIFT_FLOOR = 5e-6            # ... plus this much per request (tiny models: a sample of their requests)
+SMALL_OUTPUT = 1024           # outputs up to this many values are checked for NaN/inf without numpy
 
 
 class NoModel(Exception):
@@ -74,7 +78,9 @@ class _Model:
         # expected per-sample output shapes (axis 0 is the batch) from the health references
         exp = (self.manifest.get("health") or {}).get("expected") or {}
         self.out_shape = {n: tuple(e["shape"][1:]) for n, e in exp.items() if len(e.get("shape", [])) >= 1}
-        self.float_out = [i for i, o in enumerate(self.session.get_outputs()) if "float" in (o.type or "")]
+        outs = self.session.get_outputs()
+        self.float_out = [i for i, o in enumerate(outs) if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")]
+        self.shape_checks = [(i, self.out_shape[o.name]) for i, o in enumerate(outs) if o.name in self.out_shape]
 
 
 def _key(link: Path):
@@ -109,8 +115,9 @@ class Runtime:
         self.model = _Model(self.layout, name, threads)
         self._known = {self.model.version: self.model}     # versions with windows still in memory
         self.spool = Spool(default_path(root), cap_bytes=cap_bytes) if telemetry else None
-        self._lock = threading.Lock()
-        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()          # raw captures only
+        self._pending: collections.deque = collections.deque()
+        self._window_start = time.time()
         self._captured: list[tuple[str, float, dict]] = []
         self._captured_bytes = 0
         self._events: list[tuple[str, str, dict]] = []
@@ -155,15 +162,30 @@ class Runtime:
         return outs, m.version
 
     def _record(self, m: _Model, dt: float, feeds: dict, names, outs) -> None:
+        """The request's share of the work: checks, and one tuple onto a deque (append is atomic:
+        no lock). The flush thread turns the tuples into windows."""
         err = None
-        onames = names or m.outputs
-        for i, o in enumerate(outs):
-            if isinstance(o, np.ndarray):
-                if o.dtype.kind == "f" and not np.isfinite(o).all():
+        if names is None:                       # all outputs, in the model's order: checks precomputed
+            for i in m.float_out:
+                o = outs[i]
+                # any NaN or inf makes the float64 sum non-finite (a sum of float32/16 values cannot
+                # overflow float64). Small outputs are summed in Python: right after a run, the first
+                # numpy reduction costs ~15 us (caches evicted by the model), tolist ~3 us.
+                if not math.isfinite(sum(o.ravel().tolist()) if o.size <= SMALL_OUTPUT
+                                     else float(o.sum(dtype=np.float64))):
                     err = "nonfinite"
-                want = m.out_shape.get(onames[i])
-                if want is not None and o.shape[1:] != want:
+            for i, want in m.shape_checks:
+                if outs[i].shape[1:] != want:
                     err = err or "shape"
+        else:
+            for name, o in zip(names, outs):
+                if isinstance(o, np.ndarray):
+                    if o.dtype.kind == "f" and not math.isfinite(float(o.sum(dtype=np.float64))):
+                        err = "nonfinite"
+                    want = m.out_shape.get(name)
+                    if want is not None and o.shape[1:] != want:
+                        err = err or "shape"
+        onames = names or m.outputs
         ins = outs_f = None
         self._model_time += dt
         self._requests += 1
@@ -172,23 +194,9 @@ class Runtime:
             ins = [(k, P.reduce(feeds[k], p)) for k, p in m.in_prof.items() if k in feeds]
             outs_f = [(k, P.reduce(o, m.out_prof[k])) for k, o in zip(onames, outs) if k in m.out_prof]
             self._drift_time += time.perf_counter() - t
-        with self._lock:
-            w = self._windows.get(m.version)
-            if w is None:
-                w = self._windows[m.version] = _Window()
-            w.count += 1
-            b = P.bucket(dt)
-            w.lat[b] = w.lat.get(b, 0) + 1
-            if err:
-                w.errors[err] = w.errors.get(err, 0) + 1
-                w.first_error = w.first_error or f"{err} in an output"
-            if ins is not None and w.rows < MAX_DRIFT_ROWS:
-                w.rows += 1
-                for k, x in ins:
-                    w.ins.setdefault(k, []).append(x)
-                for k, x in outs_f:
-                    w.outs.setdefault(k, []).append(x)
-            if self.capture and random.random() < self.capture:
+        self._pending.append((m.version, dt, err, ins, outs_f, None))
+        if self.capture and random.random() < self.capture:
+            with self._lock:
                 self._capture(m, feeds)
 
     def _capture(self, m: _Model, feeds: dict) -> None:
@@ -202,15 +210,33 @@ class Runtime:
                                                          "bytes": len(data)}))
 
     def _error(self, m: _Model, kind: str, msg: str) -> None:
-        if self.spool is None:
-            return
-        with self._lock:
-            w = self._windows.get(m.version)
+        if self.spool is not None:
+            self._pending.append((m.version, None, kind, None, None, msg[:300]))
+
+    def _drain(self) -> dict[str, _Window]:
+        """What requests left on the deque since the last flush, as one window per version."""
+        windows: dict[str, _Window] = {}
+        q = self._pending
+        for _ in range(len(q)):             # only what is there now: later requests wait for the next flush
+            version, dt, err, ins, outs_f, msg = q.popleft()
+            w = windows.get(version)
             if w is None:
-                w = self._windows[m.version] = _Window()
+                w = windows[version] = _Window()
+                w.t0 = self._window_start
             w.count += 1
-            w.errors[kind] = w.errors.get(kind, 0) + 1
-            w.first_error = w.first_error or msg[:300]
+            if dt is not None:
+                b = P.bucket(dt)
+                w.lat[b] = w.lat.get(b, 0) + 1
+            if err:
+                w.errors[err] = w.errors.get(err, 0) + 1
+                w.first_error = w.first_error or msg or f"{err} in an output"
+            if ins is not None and w.rows < MAX_DRIFT_ROWS:
+                w.rows += 1
+                for k, x in ins:
+                    w.ins.setdefault(k, []).append(x)
+                for k, x in outs_f:
+                    w.outs.setdefault(k, []).append(x)
+        return windows
 
     # ------------------------------------------------------------------ background
     def _watch(self) -> None:
@@ -243,10 +269,11 @@ class Runtime:
         if self.spool is None:
             return []
         with self._lock:
-            windows, self._windows = self._windows, {}
             captured, self._captured, self._captured_bytes = self._captured, [], 0
-        events, self._events = self._events, []
         now = time.time()
+        windows = self._drain()
+        self._window_start = now
+        events, self._events = self._events, []
         rows = []
         for version, w in windows.items():
             m = self._known.get(version)

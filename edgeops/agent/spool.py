@@ -177,14 +177,15 @@ class Spool:
         return int(freed[1])
 
     # ------------------------------------------------------------------ reads
-    def read(self, after: int = 0, limit: int = 2000, max_bytes: int = 4 << 20) -> dict:
-        """Records with seq > AFTER, oldest first, at most LIMIT of them / about MAX_BYTES."""
+    def read(self, after: int = 0, limit: int = 2000, max_bytes: int = 4 << 20, raw: bool = False) -> dict:
+        """Records with seq > AFTER, oldest first, at most LIMIT of them / about MAX_BYTES. RAW: each
+        body as its JSON text (what goes over the wire: never parsed and re-encoded on the device)."""
         out, size = [], 0
         cur = self.db.execute("SELECT seq, boot, kind, model, version, t, body FROM records WHERE seq > ? "
                               "ORDER BY seq LIMIT ?", (int(after), int(limit)))
         for seq, boot, kind, model, version, t, body in cur:
             out.append({"seq": seq, "boot": boot, "kind": kind, "model": model, "version": version, "t": t,
-                        "body": json.loads(body)})
+                        "body": body if raw else json.loads(body)})
             size += len(body) + 100
             if size >= max_bytes:
                 break

@@ -76,7 +76,7 @@ def pull(link, store: Store, device: str, *, limit: int = 5000, max_rounds: int 
                 doc["records"] = [r for r in doc["records"] if r["seq"] > after]
         _kill_at("read")
         out.rounds += 1
-        out.bytes += len(json.dumps(doc["records"], separators=(",", ":")))
+        out.bytes += len(json.dumps(doc["records"], separators=(",", ":")))     # as they crossed the link
         recs = doc["records"]
         r = store.insert(device, spool, recs, via="ssh", stats=doc, before_commit=lambda: _kill_at("store"))
         _kill_at("commit")
@@ -212,6 +212,6 @@ def ingest(url: str, store: Store, *, client_id: str = "edgeops-ingest", seconds
             out.messages += len(msgs)
     finally:
         out.seconds = time.monotonic() - t0
-        c.loop_stop()
         c.disconnect()
+        c.loop_stop()
     return out

@@ -29,8 +29,7 @@ CREATE TABLE records (
     kind TEXT NOT NULL, model TEXT, version TEXT, t REAL NOT NULL, body TEXT NOT NULL,
     received REAL NOT NULL, via TEXT NOT NULL,
     PRIMARY KEY (device, spool, seq));
-CREATE INDEX records_kind_t ON records (kind, t);
-CREATE INDEX records_model ON records (model, version, device, t);
+CREATE INDEX records_kind ON records (kind, model, t);
 CREATE TABLE cursors (device TEXT NOT NULL, spool TEXT NOT NULL, seq INTEGER NOT NULL, updated REAL NOT NULL,
     PRIMARY KEY (device, spool));
 CREATE TABLE devices (device TEXT PRIMARY KEY, spool TEXT, seen REAL, via TEXT, dropped TEXT, health TEXT,
