@@ -19,6 +19,9 @@ the same `edgeops` commands a user would type, printing each one:
   10. deploy to a real sshd device (when run as root): enrol, install, a version the device
      refuses on its measured latency (it keeps the running model), an upgrade, a rollback
   11. a rollout to six devices in waves, then a version that halts on SLO failures
+  12. telemetry from that fleet (apps running on the devices), a drift alert from a device fed
+     shifted inputs, and a rollout halted during its bake by a latency regression that only shows
+     under the app's real load on a device held to 25 % of a core
 
 Outputs go to ./demo-out (or the folder given as the first argument).
 """
@@ -232,8 +235,87 @@ def deploy_to_device() -> None:
             "--parallel", "2", "--max-failures", "1", "--on-halt", "rollback", "--runs", "10", expect=1)
         run("rollout", "list")
         run("devices", "status")
+        telemetry(bed, keys)
     finally:
         bed.close()
+
+
+def _app(name: str, model: str, *args: str) -> dict:
+    """The app on a device: the agent's runtime serving generated requests (`infer --random`),
+    run over SSH with the command line `devices status --json` reports as agent_command."""
+    from edgeops.fleet import deploy as D
+    from edgeops.fleet.inventory import Inventory
+
+    dev = Inventory(Path(ENV["EDGEOPS_HOME"]) / "devices.json").get(name)
+    link = D.link_for(dev)
+    try:
+        code, doc = link.agent("infer", model, *args, timeout=600)
+        return doc
+    finally:
+        link.close()
+
+
+def _load_model(path: Path, width: int) -> None:
+    """x[32, 1024] -> MatMul [1024, width] -> Relu -> MatMul -> Softmax: width 16 is light,
+    width 1024 costs ~2.4 ms of a core per request."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(width)
+    w = numpy_helper.from_array((rng.standard_normal((1024, width)) / 32).astype(np.float32), "w")
+    w2 = numpy_helper.from_array((rng.standard_normal((width, 8)) / np.sqrt(width)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    g = helper.make_graph(nodes, "kws", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 1024])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 8])], [w, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+
+
+def telemetry(bed, keys) -> None:
+    import json
+    import threading
+
+    print("\n== 12. telemetry: the apps on the devices record every request; collected exactly once over SSH")
+    cmd = json.loads(subprocess.run([*EDGEOPS, "devices", "status", "edge1", "--json"], cwd=OUT, env=ENV,
+                                    capture_output=True, text=True).stdout)["agent_command"]
+    print(f"   each device runs its app; here:  {cmd} infer digits-cnn --random 3000 [--shift 2]")
+    for name in ("edge1", "edge2", "edge3", "edge4", "edge5", "edge6pi"):
+        shift = "2" if name == "edge3" else "0"       # edge3's sensor went bad: its inputs moved
+        r = _app(name, "digits-cnn", "--random", "3000", "--shift", shift, "--flush", "1")
+        print(f"   {name}: {r.get('requests')} requests, p50 {r.get('p50_ms')} ms" + ("  (shifted inputs)" if shift != "0" else ""))
+    run("telemetry", "collect", "--all")
+    run("telemetry", "show", "--model", "digits-cnn", "--since", "1h")
+
+    print("\n   a heavier version (2.4 ms of CPU per request) whose SLO (p99 <= 45 ms) the install's own")
+    print("   health check passes everywhere; under the app's real load it does not hold on the device")
+    print("   at 25 % of a core. The bake gate collects telemetry and halts the rollout before wave 1.")
+    d = bed.add_device("edge0pi", cpu_quota=0.25)
+    run("devices", "enrol", "edge0pi", "--ssh", d.spec, "--key", d.key_path, "--host-key", d.host_key,
+        "--python", d.python, "--target", "host", "--label", "site=demo", "--replace")
+    _load_model(OUT / "kws-light.onnx", 16)
+    _load_model(OUT / "kws-heavy.onnx", 1024)
+    run("registry", "add", "kws-light.onnx", "--name", "kws", "--version", "1.0.0")
+    run("registry", "add", "kws-heavy.onnx", "--name", "kws", "--version", "2.0.0")
+    run("rollout", "start", "kws:1.0.0", *keys, "--devices", "site=demo", "--no-canary", "--parallel", "4",
+        "--runs", "10")
+    apps = []
+    names = ["edge0pi", "edge1", "edge2", "edge3", "edge4", "edge5", "edge6pi"]
+    for name in names:       # 8 request streams, one request per 40 ms each, for 100 s
+        t = threading.Thread(target=_app, args=(name, "kws", "--random", "100000000", "--for", "100",
+                                                "--concurrency", "8", "--interval-ms", "40", "--pool", "8",
+                                                "--flush", "1"), daemon=True)
+        t.start()
+        apps.append(t)
+    time.sleep(3)
+    run("bundle", "build", "kws:2.0.0", "--target", "host", *keys, "--slo-ms", "45", "-o", "kws-2.0.0.bundle")
+    run("rollout", "start", "--bundle", "kws-2.0.0.bundle", "--devices", "site=demo", "--waves", "50%,100%",
+        "--bake", "30", "--gate-every", "5", "--parallel", "2", "--runs", "30", expect=1)
+    for t in apps:
+        t.join(timeout=200)
+    run("telemetry", "collect", "--all")
+    run("telemetry", "show", "--model", "kws", "--since", "1h")
 
 
 def main() -> None:

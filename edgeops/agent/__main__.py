@@ -26,9 +26,10 @@ import os
 import sys
 from pathlib import Path
 
-from . import install as I
-from . import state as S
-from . import verifier as v
+# install (and through it verifier -> cryptography) is imported by main() only for the commands
+# that need it: `telemetry read/ack/stats` start with the standard library alone (a collector
+# calls them on every device, often)
+I = S = v = None  # noqa: E741
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
 
@@ -52,7 +53,7 @@ def _emit(doc: dict, code: int) -> int:
     return code
 
 
-def _init(agent: I.Agent, args) -> int:
+def _init(agent, args) -> int:
     L = agent.layout
     labels = {}
     for item in args.label or []:
@@ -152,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code else EXIT_OK
+    if args.cmd == "telemetry":
+        return _spool_cmd(_root(args.root), args)
+    global I, S, v
+    from . import install as I  # noqa: E741
+    from . import state as S
+    from . import verifier as v
     if args.cmd == "version":
         return _emit({"ok": True, "agent": I.AGENT_VERSION, "protocol": I.PROTOCOL, "schema": S.SCHEMA}, EXIT_OK)
     agent = I.Agent(_root(args.root))
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             return _emit({"ok": True, **r}, EXIT_OK)
         if args.cmd == "gc":
             return _emit({"ok": True, **agent.gc()}, EXIT_OK)
-        if args.cmd in ("infer", "serve", "telemetry"):
+        if args.cmd in ("infer", "serve"):
             return _telemetry_cmd(agent, args)
         if args.cmd == "install":
             r = agent.install(args.bundle, timeout=args.timeout, threads=args.threads, health_runs=args.runs,
@@ -222,49 +229,52 @@ def _runtime(agent, args):
                    telemetry=not args.no_telemetry)
 
 
-def _telemetry_cmd(agent, args) -> int:
-    import signal
+def _spool_cmd(root: Path, args) -> int:
+    """telemetry read / ack / stats / push: the spool alone (standard library; push adds paho)."""
     import time
 
     from . import spool as SP
 
-    if args.cmd == "telemetry":
-        try:
-            sp = SP.Spool(SP.default_path(agent.layout.root))
-        except SP.SpoolError as exc:
-            return _emit({"ok": False, "error": str(exc)}, EXIT_ENV)
-        try:
-            if args.tcmd == "read":
-                from .runtime import device_health
+    try:
+        sp = SP.Spool(SP.default_path(root))
+    except SP.SpoolError as exc:
+        return _emit({"ok": False, "error": str(exc)}, EXIT_ENV)
+    try:
+        if args.tcmd == "read":
+            doc = sp.read(args.after, args.limit, raw=True)
+            doc["health_now"] = SP.device_health(root, sp)
+            return _emit({"ok": True, **doc}, EXIT_OK)
+        if args.tcmd == "ack":
+            try:
+                n = sp.ack(args.upto, args.spool)
+            except SP.SpoolError as exc:
+                return _emit({"ok": False, "error": str(exc)}, EXIT_REFUSED)
+            return _emit({"ok": True, "deleted": n, **sp.stats()}, EXIT_OK)
+        if args.tcmd == "stats":
+            return _emit({"ok": True, "device": sp.device, "spool": sp.id, **sp.stats()}, EXIT_OK)
+        from .push import PushError, push
 
-                doc = sp.read(args.after, args.limit, raw=True)
-                doc["health_now"] = device_health(agent.layout, sp)
-                return _emit({"ok": True, **doc}, EXIT_OK)
-            if args.tcmd == "ack":
-                try:
-                    n = sp.ack(args.upto, args.spool)
-                except SP.SpoolError as exc:
-                    return _emit({"ok": False, "error": str(exc)}, EXIT_REFUSED)
-                return _emit({"ok": True, "deleted": n, **sp.stats()}, EXIT_OK)
-            if args.tcmd == "stats":
-                return _emit({"ok": True, "device": sp.device, "spool": sp.id, **sp.stats()}, EXIT_OK)
-            from .push import PushError, push
+        total = {"records": 0, "batches": 0, "bytes": 0}
+        t_end = time.time() + (args.seconds or 0)
+        while True:
+            try:
+                r = push(sp, args.mqtt)
+            except PushError as exc:
+                return _emit({"ok": False, "error": str(exc), **total}, EXIT_ENV)
+            for k in total:
+                total[k] += r[k]
+            if not args.every or (args.seconds and time.time() >= t_end):
+                break
+            time.sleep(args.every)
+        return _emit({"ok": True, **total, **sp.stats()}, EXIT_OK)
+    finally:
+        sp.close()
 
-            total = {"records": 0, "batches": 0, "bytes": 0}
-            t_end = time.time() + (args.seconds or 0)
-            while True:
-                try:
-                    r = push(sp, args.mqtt)
-                except PushError as exc:
-                    return _emit({"ok": False, "error": str(exc), **total}, EXIT_ENV)
-                for k in total:
-                    total[k] += r[k]
-                if not args.every or (args.seconds and time.time() >= t_end):
-                    break
-                time.sleep(args.every)
-            return _emit({"ok": True, **total, **sp.stats()}, EXIT_OK)
-        finally:
-            sp.close()
+
+def _telemetry_cmd(agent, args) -> int:
+    import signal
+    import time
+
     from .runtime import NoModel
 
     try:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ import numpy as np
 from . import profile as P
 from .ort import describe, session
 from .slots import MANIFEST, Layout
-from .spool import DEFAULT_CAP, Spool, default_path
+from .spool import DEFAULT_CAP, Spool, SpoolError, default_path, device_health
 
 MAX_DRIFT_ROWS = 200_000      # feature rows kept per window and tensor before sampling stops
 DRIFT_BUDGET = 0.005          # drift features take at most this share of the time spent in the model
@@ -114,13 +113,23 @@ class Runtime:
         self.capture, self.capture_bytes, self.drift = float(capture), int(capture_bytes), drift
         self.model = _Model(self.layout, name, threads)
         self._known = {self.model.version: self.model}     # versions with windows still in memory
-        self.spool = Spool(default_path(root), cap_bytes=cap_bytes) if telemetry else None
+        self.spool = None
+        self.telemetry_error: str | None = None
+        self._lost: dict[str, int] = {}
+        if telemetry:
+            try:
+                self.spool = Spool(default_path(root), cap_bytes=cap_bytes)
+            except SpoolError as exc:     # serving goes on; the app and the device's stderr hear why
+                self.telemetry_error = str(exc)
+                import sys
+
+                sys.stderr.write(f"edgeops runtime: telemetry is OFF for {name}: {exc}\n")
         self._lock = threading.Lock()          # raw captures only
         self._pending: collections.deque = collections.deque()
         self._window_start = time.time()
         self._captured: list[tuple[str, float, dict]] = []
         self._captured_bytes = 0
-        self._events: list[tuple[str, str, dict]] = []
+        self._events: collections.deque = collections.deque()     # from the watcher thread
         self._stop = threading.Event()
         self._last_health = 0.0
         self._profiled: set[str] = set()     # versions whose profile record is in the spool
@@ -273,7 +282,7 @@ class Runtime:
         now = time.time()
         windows = self._drain()
         self._window_start = now
-        events, self._events = self._events, []
+        events = [self._events.popleft() for _ in range(len(self._events))]
         rows = []
         for version, w in windows.items():
             m = self._known.get(version)
@@ -298,15 +307,18 @@ class Runtime:
                 new_profiles.append(version)
         if now - self._last_health >= self.health_s:
             self._last_health = now
-            rows.append(("health", None, None, now, device_health(self.layout, self.spool)))
+            rows.append(("health", None, None, now, device_health(self.layout.root, self.spool)))
         try:
-            seqs = self.spool.append(rows)
+            seqs = self.spool.append(rows, lost=self._lost)
+            self._lost = {}
             self._profiled.update(new_profiles)
             return seqs
         except Exception as exc:  # noqa: BLE001 - a full disk must not stop inference
             import sys
 
-            sys.stderr.write(f"edgeops runtime: telemetry not written ({exc})\n")
+            for r in rows:          # counted, and reported as dropped by the next write that succeeds
+                self._lost[r[0]] = self._lost.get(r[0], 0) + 1
+            sys.stderr.write(f"edgeops runtime: telemetry not written ({exc}); {len(rows)} record(s) lost\n")
             return []
 
     def close(self) -> None:
@@ -328,47 +340,6 @@ def _binned(feats: dict[str, list], profs: dict) -> dict:
         x = np.concatenate(rows, axis=0)
         out[k] = {"n": int(x.shape[0]), "counts": P.bin_counts(x, profs[k])}
     return out
-
-
-def device_health(layout: Layout, spool: Spool | None = None) -> dict:
-    """CPU load, memory, disk, temperatures, agent state: what a health record holds."""
-    h: dict = {}
-    try:
-        h["load"] = list(os.getloadavg())
-    except OSError:
-        pass
-    h["cpus"] = os.cpu_count()
-    try:
-        mem = {}
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            k, _, rest = line.partition(":")
-            if k in ("MemTotal", "MemAvailable"):
-                mem[k] = int(rest.split()[0]) * 1024
-        h["mem_total"], h["mem_available"] = mem.get("MemTotal"), mem.get("MemAvailable")
-    except OSError:
-        pass
-    try:
-        du = shutil.disk_usage(layout.root)
-        h["disk_total"], h["disk_free"] = du.total, du.free
-    except OSError:
-        pass
-    temps = {}
-    for z in sorted(Path("/sys/class/thermal").glob("thermal_zone*")):
-        try:
-            temps[(z / "type").read_text().strip() or z.name] = int((z / "temp").read_text()) / 1000.0
-        except (OSError, ValueError):
-            continue
-    h["temperature_c"] = temps            # empty where the kernel exposes no thermal zone
-    try:
-        st = json.loads((layout.root / "state.json").read_text())
-        h["agent"] = {"models": {n: m.get("version") for n, m in (st.get("models") or {}).items()},
-                      "transaction": (st.get("transaction") or {}).get("step")}
-    except (OSError, ValueError):
-        h["agent"] = None
-    if spool is not None:
-        s = spool.stats()
-        h["spool"] = {k: s[k] for k in ("pending", "bytes", "cap_bytes", "dropped", "file_bytes")}
-    return h
 
 
 def random_inputs(manifest: dict, rng: np.random.Generator, shift: float = 0.0) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -106,9 +107,11 @@ class Spool:
                         (k, str(n), n))
 
     # ------------------------------------------------------------------ writes
-    def append(self, rows: list[tuple[str, str | None, str | None, float, dict]]) -> list[int]:
-        """Store ROWS [(kind, model, version, t, body)] in one transaction; their sequence numbers."""
-        if not rows:
+    def append(self, rows: list[tuple[str, str | None, str | None, float, dict]],
+               lost: dict[str, int] | None = None) -> list[int]:
+        """Store ROWS [(kind, model, version, t, body)] in one transaction; their sequence numbers.
+        LOST: records of each kind the writer could not store earlier (a full disk), counted as dropped."""
+        if not rows and not lost:
             return []
         enc = []
         for kind, model, version, t, body in rows:
@@ -121,6 +124,8 @@ class Spool:
                 seqs.append(self.db.execute("INSERT INTO records (boot, kind, prio, model, version, t, nbytes, body) "
                                             "VALUES (?,?,?,?,?,?,?,?)", r).lastrowid)
             self._bump("bytes", sum(r[6] for r in enc))
+            for kind, n in (lost or {}).items():
+                self._bump(f"dropped.{kind}", n)
             self._enforce_cap()
             self.db.execute("COMMIT")
         except BaseException:
@@ -235,3 +240,44 @@ def record_event(root: str | Path, model: str | None, version: str | None, body:
         import sys
 
         sys.stderr.write(f"edgeops agent: telemetry event not recorded ({exc})\n")
+
+
+def device_health(root: str | Path, spool: "Spool | None" = None) -> dict:
+    """CPU load, memory, disk, temperatures, agent state: what a health record holds."""
+    h: dict = {}
+    try:
+        h["load"] = list(os.getloadavg())
+    except OSError:
+        pass
+    h["cpus"] = os.cpu_count()
+    try:
+        mem = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, _, rest = line.partition(":")
+            if k in ("MemTotal", "MemAvailable"):
+                mem[k] = int(rest.split()[0]) * 1024
+        h["mem_total"], h["mem_available"] = mem.get("MemTotal"), mem.get("MemAvailable")
+    except OSError:
+        pass
+    try:
+        du = shutil.disk_usage(root)
+        h["disk_total"], h["disk_free"] = du.total, du.free
+    except OSError:
+        pass
+    temps = {}
+    for z in sorted(Path("/sys/class/thermal").glob("thermal_zone*")):
+        try:
+            temps[(z / "type").read_text().strip() or z.name] = int((z / "temp").read_text()) / 1000.0
+        except (OSError, ValueError):
+            continue
+    h["temperature_c"] = temps            # empty where the kernel exposes no thermal zone
+    try:
+        st = json.loads((Path(root) / "state.json").read_text())
+        h["agent"] = {"models": {n: m.get("version") for n, m in (st.get("models") or {}).items()},
+                      "transaction": (st.get("transaction") or {}).get("step")}
+    except (OSError, ValueError):
+        h["agent"] = None
+    if spool is not None:
+        s = spool.stats()
+        h["spool"] = {k: s[k] for k in ("pending", "bytes", "cap_bytes", "dropped", "file_bytes")}
+    return h

@@ -69,11 +69,11 @@ def pull(link, store: Store, device: str, *, limit: int = 5000, max_rounds: int 
         if code != 0 or not doc.get("ok"):
             raise RuntimeError(doc.get("error") or f"telemetry read exited {code}")
         if doc["spool"] != spool:
-            # a spool this store has not seen (first contact, or re-created on the device)
+            # a spool this store has not seen (first contact, or re-created on the device): read it
+            # again from what the store holds of THAT spool (usually nothing)
             spool = doc["spool"]
             _, after = store.cursor_for(device, spool)
-            if doc["records"] and doc["records"][0]["seq"] <= after:
-                doc["records"] = [r for r in doc["records"] if r["seq"] > after]
+            continue
         _kill_at("read")
         out.rounds += 1
         out.bytes += len(json.dumps(doc["records"], separators=(",", ":")))     # as they crossed the link
@@ -85,7 +85,8 @@ def pull(link, store: Store, device: str, *, limit: int = 5000, max_rounds: int 
         out.duplicates += r["duplicates"]
         out.dropped = doc.get("dropped") or {}
         top = max([after] + [x["seq"] for x in recs])
-        if top > 0:
+        # acknowledge what was stored now, or what an earlier run stored but was killed before acking
+        if recs or doc.get("acked", 0) < after:
             code, ack = link.agent("telemetry", "ack", "--upto", str(top), "--spool", spool, timeout=120)
             if code != 0 or not ack.get("ok"):
                 raise RuntimeError(ack.get("error") or f"telemetry ack exited {code}")
