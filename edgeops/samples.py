@@ -226,3 +226,23 @@ def build_all(d: Path, families: tuple[str, ...] = tuple(BUILDERS)) -> list[Samp
     for fam in families:
         out += BUILDERS[fam](d)
     return out
+
+
+def load_model(path: Path, width: int, seed: int = 0) -> Path:
+    """A model whose cost is set by WIDTH, for load and latency-gate demos and tests:
+    x[32, 1024] -> MatMul [1024, WIDTH] -> Relu -> MatMul [WIDTH, 8] -> Softmax. Width 16 costs
+    ~0.03 ms of one core here, width 1024 ~2.4 ms."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array((rng.standard_normal((1024, width)) / 32).astype(np.float32), "w")
+    w2 = numpy_helper.from_array((rng.standard_normal((width, 8)) / np.sqrt(width)).astype(np.float32), "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    g = helper.make_graph(nodes, "load", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 1024])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 8])], [w, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path

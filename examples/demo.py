@@ -255,24 +255,6 @@ def _app(name: str, model: str, *args: str) -> dict:
         link.close()
 
 
-def _load_model(path: Path, width: int) -> None:
-    """x[32, 1024] -> MatMul [1024, width] -> Relu -> MatMul -> Softmax: width 16 is light,
-    width 1024 costs ~2.4 ms of a core per request."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(width)
-    w = numpy_helper.from_array((rng.standard_normal((1024, width)) / 32).astype(np.float32), "w")
-    w2 = numpy_helper.from_array((rng.standard_normal((width, 8)) / np.sqrt(width)).astype(np.float32), "w2")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
-    g = helper.make_graph(nodes, "kws", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 1024])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 8])], [w, w2])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-
-
 def telemetry(bed, keys) -> None:
     import json
     import threading
@@ -294,8 +276,10 @@ def telemetry(bed, keys) -> None:
     d = bed.add_device("edge0pi", cpu_quota=0.25)
     run("devices", "enrol", "edge0pi", "--ssh", d.spec, "--key", d.key_path, "--host-key", d.host_key,
         "--python", d.python, "--target", "host", "--label", "site=demo", "--replace")
-    _load_model(OUT / "kws-light.onnx", 16)
-    _load_model(OUT / "kws-heavy.onnx", 1024)
+    from edgeops.samples import load_model
+
+    load_model(OUT / "kws-light.onnx", 16)
+    load_model(OUT / "kws-heavy.onnx", 1024, seed=1)
     run("registry", "add", "kws-light.onnx", "--name", "kws", "--version", "1.0.0")
     run("registry", "add", "kws-heavy.onnx", "--name", "kws", "--version", "2.0.0")
     run("rollout", "start", "kws:1.0.0", *keys, "--devices", "site=demo", "--no-canary", "--parallel", "4",

@@ -142,3 +142,41 @@ def test_waves_are_sequential_with_bake_and_rate_ramps():
     run(s, {}, starts)
     times = sorted(t for ts in starts.values() for t in ts)
     assert all(b - a >= 1.0 - 1e-9 for a, b in zip(times, times[1:]))
+
+
+def test_a_gated_bake_follows_every_wave_and_must_be_cleared():
+    """With a telemetry gate, the scheduler stops after each wave's bake (the last one too) and
+    asks for a verdict (GateCheck); nothing starts until it is cleared; a halt at the gate skips
+    the rest. (The verdict itself comes from real telemetry: test_telemetry_fleet.py.)"""
+    from edgeops.fleet.plan import GateCheck
+
+    waves = make_waves(fleet(4), parse_waves("2,100%"), canary=False)
+    s = Scheduler(waves, parallel=4, bake=10.0, gated=True)
+    t = 0.0
+    for _ in range(2):
+        a = s.next(t)
+        s.complete(a.member.name, True)
+    assert s.next(t + 1) == t + 11.0 and s.baking() == 0            # baking wave 0 (done seen at 1)
+    assert s.next(t + 11.5) == GateCheck(0) and not s.done()
+    assert s.next(t + 11.7) == GateCheck(0)                         # asked again until cleared
+    s.clear(0)
+    for _ in range(2):
+        a = s.next(t + 12)
+        assert a.wave == 1
+        s.complete(a.member.name, True)
+    assert s.next(t + 13) == t + 23.0 and not s.done()               # the last wave bakes too
+    assert s.next(t + 23.5) == GateCheck(1)
+    s.clear(1)
+    assert s.next(t + 23) is None and s.done()
+    # a halt at the gate: the next wave never starts
+    s = Scheduler(make_waves(fleet(4), parse_waves("2,100%"), canary=False), parallel=4, bake=5.0, gated=True)
+    for _ in range(2):
+        s.complete(s.next(0.0).member.name, True)
+    assert s.next(1.0) == 6.0 and s.next(6.5) == GateCheck(0)
+    s.halt("bake gate: LATENCY on d0")
+    assert s.next(7.0) is None and s.done() and len(s.skip_pending()) == 2
+    # ungated: no bake after the last wave
+    s = Scheduler(make_waves(fleet(2), parse_waves(None), canary=False), parallel=2, bake=10.0)
+    for _ in range(2):
+        s.complete(s.next(0.0).member.name, True)
+    assert s.next(1.0) is None and s.done()

@@ -18,14 +18,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edgeops.fleet import deploy as D
 from edgeops.fleet.inventory import Inventory
-from edgeops.fleet.ssh import connect
+from edgeops.samples import load_model
 from edgeops.telemetry import analysis as A
 from edgeops.telemetry.collect import KILL_POINTS
 from edgeops.telemetry.store import Store
@@ -180,14 +177,19 @@ def test_mqtt_push_is_stored_exactly_once_across_an_ingest_crash(world, tmp_path
     _agent(root, "install", world["bundles"]["1.0.0"], "--runs", "3", code=0)
     _agent(root, "infer", "clf", "--random", "1500", "--interval-ms", "1", "--flush", "0.05", code=0)
     produced = _agent(root, "telemetry", "stats")["produced"]
-    pushed = _agent(root, "telemetry", "push", "--mqtt", mosquitto, code=0)
-    assert pushed["records"] == produced and pushed["pending"] == 0 and pushed["batches"] >= 1
+    # the ingest is down: the broker takes every batch, but nothing is acknowledged by the controller,
+    # so the device keeps everything (exit 1 says so)
+    pushed = _agent(root, "telemetry", "push", "--mqtt", mosquitto)
+    assert pushed["_exit"] == 1 and pushed["records"] == produced and pushed["pending"] == produced, pushed
     killed = _cli("telemetry", "ingest", "--mqtt", mosquitto, "--idle", "5", env={**env, "EDGEOPS_COLLECT_KILL_AT": "commit"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     got = _cli("telemetry", "ingest", "--mqtt", mosquitto, "--idle", "3", "--json", env=env)
     assert got.returncode == 0, got.stderr
     doc = json.loads(got.stdout)
     assert doc["duplicates"] >= 1                 # the unacknowledged message came again, and was ignored
+    # the device comes back: the acknowledgements the broker kept for it delete what was stored
+    again = _agent(root, "telemetry", "push", "--mqtt", mosquitto, code=0)
+    assert again["acknowledged"] == produced and again["pending"] == 0 and again["records"] == 0, again
     store = Store(env["EDGEOPS_TELEMETRY_URL"])
     seqs = sorted(x["seq"] for x in store.records(devices=["d1"]))
     assert seqs == list(range(1, produced + 1))
@@ -276,22 +278,6 @@ def _get_retry(url: str, proc, timeout: float = 30) -> str:
 
 
 # ------------------------------------------------------------------------------ the bake gate
-def _load_model(path: Path, width: int, seed: int) -> Path:
-    """x[32, 1024] -> MatMul [1024, width] -> Relu -> MatMul [width, 8] -> Softmax. width 16 costs
-    ~0.03 ms, width 1024 ~2.4 ms of one core."""
-    rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array((rng.standard_normal((1024, width)) / 32).astype(np.float32), "w")
-    w2 = numpy_helper.from_array((rng.standard_normal((width, 8)) / np.sqrt(width)).astype(np.float32), "w2")
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
-    g = helper.make_graph(nodes, "load", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 1024])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 8])], [w, w2])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
-    return path
-
-
 SLO_MS = 45.0
 
 
@@ -303,8 +289,8 @@ def gated(testbed, world):
 
     base = world["base"]
     reg = open_registry()
-    reg.add(_load_model(base / "light.onnx", 16, 0), "load", version="1.0.0")
-    reg.add(_load_model(base / "heavy.onnx", 1024, 1), "load", version="2.0.0")
+    reg.add(load_model(base / "light.onnx", 16, 0), "load", version="1.0.0")
+    reg.add(load_model(base / "heavy.onnx", 1024, 1), "load", version="2.0.0")
     v1 = b.build("load:1.0.0", "host", [world["signer"]], base / "load-1.bundle").path
     v2 = b.build("load:2.0.0", "host", [world["signer"]], base / "load-2.bundle", slo_ms=SLO_MS).path
     devs = {}

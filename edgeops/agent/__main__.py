@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 def _runtime_args(p) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--flush", type=float, default=10.0, help="seconds between spool writes")
-    p.add_argument("--cap-bytes", type=int, default=64 << 20, help="the spool's byte cap")
+    p.add_argument("--cap-bytes", type=int, help="set the spool's byte cap (kept in the spool; default 64 MiB)")
     p.add_argument("--capture", type=float, default=0.0, help="share of requests whose raw inputs are kept")
     p.add_argument("--capture-bytes", type=int, default=0, help="cap on raw inputs kept per flush")
     p.add_argument("--no-telemetry", action="store_true")
@@ -254,19 +254,29 @@ def _spool_cmd(root: Path, args) -> int:
             return _emit({"ok": True, "device": sp.device, "spool": sp.id, **sp.stats()}, EXIT_OK)
         from .push import PushError, push
 
-        total = {"records": 0, "batches": 0, "bytes": 0}
+        total = {"records": 0, "batches": 0, "bytes": 0, "acknowledged": 0}
         t_end = time.time() + (args.seconds or 0)
+        last_error = None
         while True:
             try:
                 r = push(sp, args.mqtt)
-            except PushError as exc:
-                return _emit({"ok": False, "error": str(exc), **total}, EXIT_ENV)
-            for k in total:
-                total[k] += r[k]
+                last_error = None
+                for k in total:
+                    total[k] += r[k]
+            except Exception as exc:  # noqa: BLE001 - PushError, or the broker going away mid-push
+                last_error = str(exc) if isinstance(exc, PushError) else f"{type(exc).__name__}: {exc}"
+                if not args.every:
+                    return _emit({"ok": False, "error": last_error, **total, **sp.stats()}, EXIT_ENV)
+                sys.stderr.write(f"edgeops agent: push failed ({last_error}); retrying in {args.every:g}s\n")
             if not args.every or (args.seconds and time.time() >= t_end):
                 break
             time.sleep(args.every)
-        return _emit({"ok": True, **total, **sp.stats()}, EXIT_OK)
+        st = sp.stats()
+        if st["pending"]:
+            return _emit({"ok": False, "error": f"{st['pending']} record(s) not acknowledged by the controller "
+                                                "(is `edgeops telemetry ingest` running?); they stay in the spool "
+                                                "and go again with the next push", **total, **st}, EXIT_REFUSED)
+        return _emit({"ok": True, **total, **st}, EXIT_OK)
     finally:
         sp.close()
 

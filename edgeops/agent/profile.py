@@ -13,8 +13,10 @@ shape when the profile is built and kept in the profile:
     group     otherwise: the means of 64 equal runs of the flattened sample
     label     integer outputs (class ids): the class distribution (reference classes + "other")
     argmax    float outputs [batch, K] whose rows are probabilities: the distribution of the argmax
-Numeric features get 10 quantile bins from the reference data (fewer when values repeat); the
-profile stores the inner edges and the reference share of each bin. PSI per feature with
+Numeric features get 10 quantile bins from the reference data; a value that holds >= 5 % of the
+samples (ReLU zeros, a clipped sensor) gets a bin of its own, and a constant gets "below", "at"
+and "above" bins. The profile stores the inner edges and the reference share of each bin.
+Non-finite values are not binned (they are counted as errors). PSI per feature with
 1e-4 smoothing; Evidently's bands: < 0.1 stable, 0.1-0.25 moderate, > 0.25 drifted.
 """
 
@@ -150,10 +152,17 @@ def build(arr, labels: bool = False) -> dict:
         col = col[np.isfinite(col)]
         if col.size == 0:
             e = []
+        elif col.min() == col.max():
+            c = float(col.min())       # a constant: below, at, above it (a move either way shows)
+            e = [c, float(np.nextafter(c, np.inf))]
         else:
-            e = sorted(set(float(q) for q in np.quantile(col, np.arange(1, BINS) / BINS)))
-            if col.min() == col.max():
-                e = [float(col.min())]
+            e = set(float(q) for q in np.quantile(col, np.arange(1, BINS) / BINS))
+            # a value holding >= 5 % of the samples (ReLU zeros, a clipped sensor) gets a bin of its own
+            vals, counts = np.unique(col, return_counts=True)
+            for val in vals[counts >= 0.05 * col.size]:
+                e.add(float(val))
+                e.add(float(np.nextafter(val, np.inf)))
+            e = sorted(e)
         edges.append(e)
     prof["edges"] = edges
     counts = bin_counts(x, prof)
@@ -184,11 +193,13 @@ def nbins(prof: dict) -> list[int]:
 def class_counts(x: np.ndarray, prof: dict) -> list[int]:
     if prof["mode"] == "argmax":
         return np.bincount(x[:, 0].astype(np.int64), minlength=prof["classes"])[:prof["classes"]].tolist()
+    if not len(x):
+        return [0] * (len(prof["classes"]) + 1)
     classes = prof["classes"]
     pos = np.searchsorted(classes, x[:, 0])
     hit = (pos < len(classes)) & (np.take(np.asarray(classes + [np.nan]), np.minimum(pos, len(classes))) == x[:, 0])
     idx = np.where(hit, pos, len(classes))
-    return np.bincount(idx, minlength=len(classes) + 1).tolist()
+    return np.bincount(idx[np.isfinite(x[:, 0])], minlength=len(classes) + 1).tolist()
 
 
 def bin_counts(x: np.ndarray, prof: dict) -> list[list[int]]:
@@ -198,8 +209,9 @@ def bin_counts(x: np.ndarray, prof: dict) -> list[list[int]]:
     m = _edge_matrix(prof)
     f, w = m.shape
     b = (x[:, :, None] >= m[None, :, :]).sum(axis=2)        # (samples, features): bin per feature
-    flat = np.bincount((np.arange(f) * (w + 1))[None, :].repeat(len(x), 0).ravel() + b.ravel(),
-                       minlength=f * (w + 1)).reshape(f, w + 1)
+    idx = (np.arange(f) * (w + 1))[None, :] + b
+    ok = np.isfinite(x)             # NaN and inf are errors (counted as such), not a bin
+    flat = np.bincount(idx[ok], minlength=f * (w + 1)).reshape(f, w + 1)
     return [flat[i, :k].tolist() for i, k in enumerate(nbins(prof))]
 
 
@@ -248,33 +260,6 @@ def merge_counts(into: list[list[int]] | None, other: list[list[int]]) -> list[l
 def profile_json(profiles: dict) -> dict:
     """Profiles without their caches (for manifests and records)."""
     return {k: {kk: vv for kk, vv in p.items() if not kk.startswith("_")} for k, p in profiles.items()}
-
-
-def rebin(counts: list[list[int]], src: dict, dst: dict) -> list[list[float]] | None:
-    """Counts binned with profile SRC's edges, re-expressed in profile DST's bins (to compare two
-    versions of a model whose reference profiles differ): mass is spread uniformly inside each
-    source bin (the two outer bins span one neighbouring bin width). Class distributions need the
-    same classes. None when the two cannot be compared."""
-    if src["mode"] != dst["mode"] or src.get("features") != dst.get("features"):
-        return None
-    if src["mode"] in ("label", "argmax"):
-        if src.get("classes") != dst.get("classes"):
-            return None
-        return [list(map(float, c)) for c in counts]
-    out = []
-    for c, es, ed in zip(counts, src["edges"], dst["edges"]):
-        if es == ed:
-            out.append(list(map(float, c)))
-            continue
-        if not es:
-            return None
-        w = (es[-1] - es[0]) / max(len(es) - 1, 1) or 1.0
-        xs = [es[0] - w] + list(es) + [es[-1] + w]          # bin i spans xs[i]..xs[i+1]
-        cdf = np.concatenate([[0.0], np.cumsum(np.asarray(c, dtype=np.float64))])
-        at = np.interp(np.asarray(ed, dtype=np.float64), xs, cdf) if ed else np.array([])
-        pts = np.concatenate([[0.0], at, [cdf[-1]]])
-        out.append(np.diff(pts).clip(min=0).tolist())
-    return out
 
 
 def psi_between(before: list[float], after: list[float]) -> float | None:

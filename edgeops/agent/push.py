@@ -1,9 +1,12 @@
 """Push mode: a device that cannot be reached over SSH publishes its spool to MQTT.
 
-QoS 1 on a persistent session (clean_session off, client id edgeops-DEVICE): a batch of records
-is deleted from the spool only after the broker's PUBACK for it. A crash between the PUBACK and
-the delete publishes the batch again; the controller's store keys every record by
-(device, spool, seq), so a redelivery is never a duplicate. Topic: edgeops/telemetry/DEVICE.
+QoS 1 on a persistent session (clean_session off, client id edgeops-DEVICE). A broker's PUBACK only
+says the broker has the message (and a broker drops messages for a subscriber whose queue is full,
+or that has no session yet), so records leave the spool only on the CONTROLLER's acknowledgement:
+`edgeops telemetry ingest` stores a batch, commits, then publishes the batch's sequence range on
+edgeops/telemetry-ack/DEVICE (QoS 1; the device's persistent session keeps it while the device is
+away). What was not acknowledged is published again by the next push, and the store's key
+(device, spool, seq) makes the repeat a no-op: exactly once end to end. Data: edgeops/telemetry/DEVICE.
 
 paho-mqtt is the one package this mode adds to the device (pure Python); the rest of the agent
 does not import it. Without it, push mode refuses in one line.
@@ -18,6 +21,7 @@ from urllib.parse import urlparse
 from .spool import Spool
 
 TOPIC = "edgeops/telemetry/{device}"
+ACK_TOPIC = "edgeops/telemetry-ack/{device}"
 
 
 class PushError(Exception):
@@ -60,32 +64,66 @@ def connect(url: str, client_id: str, *, clean: bool = False, manual_ack: bool =
     return c
 
 
-def push(spool: Spool, url: str, *, batch: int = 500, timeout: float = 30.0, limit: int | None = None) -> dict:
-    """Publish everything in SPOOL, batch by batch, deleting each batch after its PUBACK."""
-    c = connect(url, f"edgeops-{spool.device}")
+def push(spool: Spool, url: str, *, batch: int = 500, timeout: float = 30.0, ack_wait: float = 10.0) -> dict:
+    """Publish what SPOOL holds, batch by batch, then wait up to ACK_WAIT seconds for the
+    controller's acknowledgements; delete what they cover. Returns counts, with `unacked`: records
+    still in the spool (they go again next time)."""
+    import queue
+
+    acks: queue.Queue = queue.Queue()
+    c = connect(url, f"edgeops-{spool.device}", on_message=lambda cl, ud, msg: acks.put(msg.payload))
     topic = TOPIC.format(device=spool.device)
+    acked = 0
+    pending: list[list[int]] = []
+
+    def take(wait: float, until_done: bool) -> None:
+        """Apply acknowledgements for WAIT seconds (UNTIL_DONE: or until nothing is pending)."""
+        nonlocal acked, pending
+        t_end = time.time() + wait
+        while True:
+            left = t_end - time.time()
+            if left <= 0 or (until_done and not pending):
+                return
+            try:
+                payload = acks.get(timeout=min(0.1, left))
+            except queue.Empty:
+                continue
+            try:
+                doc = json.loads(payload)
+                ranges = [(int(a), int(b)) for a, b in doc["ranges"]] if doc.get("spool") == spool.id else []
+            except (ValueError, KeyError, TypeError):
+                continue
+            for a, b in ranges:
+                acked += spool.ack_range(a, b, spool.id)
+            pending = [r for r in pending if not any(a <= r[0] and r[1] <= b for a, b in ranges)]
+
     sent = batches = nbytes = 0
     try:
+        c.subscribe(ACK_TOPIC.format(device=spool.device), qos=1)
+        take(0.5, False)            # acknowledgements the broker kept since the last push
         after = 0
+        infos = []
         while True:
             doc = spool.read(after, limit=batch, raw=True)
             if not doc["records"]:
                 break
             payload = json.dumps({"device": doc["device"], "spool": doc["spool"], "records": doc["records"],
                                   "dropped": doc["dropped"]}, separators=(",", ":"))
-            info = c.publish(topic, payload, qos=1)
-            info.wait_for_publish(timeout)
-            if not info.is_published():
-                raise PushError(f"no PUBACK within {timeout:.0f}s for batch up to seq {doc['last']}; "
-                                "the records stay in the spool")
-            spool.ack(doc["last"], doc["spool"])
+            infos.append(c.publish(topic, payload, qos=1))
+            pending.append([doc["records"][0]["seq"], doc["last"]])
             after = doc["last"]
             sent += len(doc["records"])
             batches += 1
             nbytes += len(payload)
-            if limit is not None and sent >= limit:
-                break
+        for info in infos:
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise PushError(f"the broker did not take a batch within {timeout:.0f}s; the records stay in the spool")
+        if pending:
+            take(ack_wait, True)
     finally:
         c.disconnect()          # first: the network thread then ends at once
         c.loop_stop()
-    return {"records": sent, "batches": batches, "bytes": nbytes, "topic": topic}
+    st = spool.stats()
+    return {"records": sent, "batches": batches, "bytes": nbytes, "acknowledged": acked,
+            "unacked": st["pending"], "topic": topic}

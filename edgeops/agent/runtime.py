@@ -42,7 +42,7 @@ import numpy as np
 from . import profile as P
 from .ort import describe, session
 from .slots import MANIFEST, Layout
-from .spool import DEFAULT_CAP, Spool, SpoolError, default_path, device_health
+from .spool import Spool, SpoolError, default_path, device_health
 
 MAX_DRIFT_ROWS = 200_000      # feature rows kept per window and tensor before sampling stops
 DRIFT_BUDGET = 0.005          # drift features take at most this share of the time spent in the model
@@ -79,6 +79,22 @@ class _Model:
         self.out_shape = {n: tuple(e["shape"][1:]) for n, e in exp.items() if len(e.get("shape", [])) >= 1}
         outs = self.session.get_outputs()
         self.float_out = [i for i, o in enumerate(outs) if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")]
+        # the version in the other slot (the one this replaced, or the one a rollback left): outputs
+        # are also binned with ITS reference bins, so the rollout's gate compares the two versions
+        # on this device bin for bin (features reduced the same way only)
+        self.prev_version, self.prev_out_prof = None, {}
+        try:
+            other = layout.slot(name, Layout.other(self.slot)) / MANIFEST
+            doc = json.loads(other.read_text())
+            prev = doc.get("signed", doc)
+            pprof = (((prev.get("telemetry") or {}).get("profile")) or {}).get("outputs") or {}
+            if prev.get("version") != self.version:
+                self.prev_version = prev.get("version")
+                self.prev_out_prof = {k: dict(p) for k, p in pprof.items() if k in self.out_prof
+                                      and (p.get("mode"), p.get("features"), p.get("per_sample"), p.get("classes"))
+                                      == tuple(self.out_prof[k].get(x) for x in ("mode", "features", "per_sample", "classes"))}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         self.shape_checks = [(i, self.out_shape[o.name]) for i, o in enumerate(outs) if o.name in self.out_shape]
 
 
@@ -103,7 +119,7 @@ class _Window:
 
 class Runtime:
     def __init__(self, root: str | Path, name: str, *, threads: int = 1, flush_s: float = 10.0,
-                 health_s: float = 60.0, watch_s: float = 0.25, cap_bytes: int = DEFAULT_CAP,
+                 health_s: float = 60.0, watch_s: float = 0.25, cap_bytes: int | None = None,
                  capture: float = 0.0, capture_bytes: int = 0, drift: bool = True, telemetry: bool = True):
         if capture and not capture_bytes:
             raise ValueError("capture needs capture_bytes (a cap on the raw inputs kept)")
@@ -200,8 +216,11 @@ class Runtime:
         self._requests += 1
         if self.drift and self._drift_time <= DRIFT_BUDGET * self._model_time + DRIFT_FLOOR * self._requests:
             t = time.perf_counter()
-            ins = [(k, P.reduce(feeds[k], p)) for k, p in m.in_prof.items() if k in feeds]
-            outs_f = [(k, P.reduce(o, m.out_prof[k])) for k, o in zip(onames, outs) if k in m.out_prof]
+            try:
+                ins = [(k, P.reduce(feeds[k], p)) for k, p in m.in_prof.items() if k in feeds]
+                outs_f = [(k, P.reduce(o, m.out_prof[k])) for k, o in zip(onames, outs) if k in m.out_prof]
+            except (ValueError, TypeError, IndexError):     # an empty batch, a scalar where a tensor was profiled
+                ins = outs_f = None
             self._drift_time += time.perf_counter() - t
         self._pending.append((m.version, dt, err, ins, outs_f, None))
         if self.capture and random.random() < self.capture:
@@ -250,17 +269,19 @@ class Runtime:
     # ------------------------------------------------------------------ background
     def _watch(self) -> None:
         link = self.layout.current_link(self.name)
+        failed = None
         while not self._stop.wait(self.watch_s):
             try:
                 key = _key(link)
             except OSError:
                 continue                        # mid-switch or no model: keep serving the loaded one
-            if key == self.model.key:
+            if key == self.model.key or key == failed:
                 continue
             old = self.model
             try:
                 new = _Model(self.layout, self.name, self.threads)
-            except Exception as exc:  # noqa: BLE001 - keep serving the old model, say why
+            except Exception as exc:  # noqa: BLE001 - keep serving the old model, say why (once per switch)
+                failed = key
                 self._events.append(("event", old.version, {"event": "reload failed", "error": str(exc)[:300]}))
                 continue
             self._known = {old.version: old, new.version: new}
@@ -271,7 +292,12 @@ class Runtime:
 
     def _flusher(self) -> None:
         while not self._stop.wait(self.flush_s):
-            self.flush()
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - the flush thread must outlive one bad window
+                import sys
+
+                sys.stderr.write(f"edgeops runtime: flush failed ({type(exc).__name__}: {exc})\n")
 
     def flush(self) -> list[int]:
         """Write what is in memory to the spool (the flush thread does this every flush_s)."""
@@ -292,6 +318,8 @@ class Runtime:
             if m is not None:
                 body["inputs"] = _binned(w.ins, m.in_prof)
                 body["outputs"] = _binned(w.outs, m.out_prof)
+                if m.prev_out_prof:
+                    body["outputs_prev"] = {"version": m.prev_version, "outputs": _binned(w.outs, m.prev_out_prof)}
             rows.append(("window", self.name, version, now, body))
         for version, t, body in captured:
             rows.append(("sample", self.name, version, t, body))
@@ -324,7 +352,7 @@ class Runtime:
     def close(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=120)         # a flush in progress finishes before the last one starts
         # an older window recorded while a switch happened keeps its own model's profile
         self.flush()
         if self.spool is not None:
@@ -334,11 +362,14 @@ class Runtime:
 def _binned(feats: dict[str, list], profs: dict) -> dict:
     out = {}
     for k, rows in feats.items():
-        rows = [r for r in rows if r is not None]
+        rows = [r for r in rows if r is not None and len(r)]
         if not rows or k not in profs:
             continue
-        x = np.concatenate(rows, axis=0)
-        out[k] = {"n": int(x.shape[0]), "counts": P.bin_counts(x, profs[k])}
+        try:
+            x = np.concatenate(rows, axis=0)
+            out[k] = {"n": int(x.shape[0]), "counts": P.bin_counts(x, profs[k])}
+        except ValueError:      # rows of another shape (a version re-released with another profile)
+            continue
     return out
 
 

@@ -105,6 +105,16 @@ def make_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000) -> Threa
             return self._send(404, {"error": f"no such path {p!r} (this server serves model {name!r})"})
 
         def do_POST(self):  # noqa: N802
+            # the body is read first, whatever the answer: an unread body would be taken for the
+            # next request on this keep-alive connection
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                n = -1
+            if not 0 < n <= MAX_BODY:
+                self.close_connection = True
+                return self._send(400, {"error": f"a request body of 1..{MAX_BODY} bytes is needed (Content-Length {n})"})
+            raw = self.rfile.read(n)
             p = self.path.split("?")[0].rstrip("/")
             parts = p.split("/")
             ok = (len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[4] == "infer") or \
@@ -116,10 +126,7 @@ def make_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000) -> Threa
             if len(parts) == 7 and parts[5] != rt.version:
                 return self._send(404, {"error": f"version {parts[5]!r} is not loaded (current: {rt.version})"})
             try:
-                n = int(self.headers.get("Content-Length") or 0)
-                if not 0 < n <= MAX_BODY:
-                    raise BadRequest(f"a request body of 1..{MAX_BODY} bytes is needed (got {n})")
-                doc = json.loads(self.rfile.read(n))
+                doc = json.loads(raw)
                 feeds = decode_inputs(doc)
                 want = [o.get("name") for o in doc.get("outputs") or [] if isinstance(o, dict)] or None
             except (BadRequest, ValueError) as exc:

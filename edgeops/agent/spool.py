@@ -18,7 +18,7 @@ made again starts a new sequence instead of colliding with the old one.
 Only the runtime's flush thread, the agent (install events) and the collector's ack write here;
 inference never waits on it. The byte cap (`cap_bytes`, over the records' body bytes) drops the
 oldest records of the lowest priority first: raw samples, then health, then events, aggregates
-(windows, and the profile records that make them readable) last, and counts every dropped record per kind (`dropped` in `stats()` and in every `read`).
+(windows) last, and the profile records that make windows readable never before them, and counts every dropped record per kind (`dropped` in `stats()` and in every `read`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
-PRIORITY = {"sample": 0, "health": 1, "event": 2, "window": 3, "profile": 3}
+PRIORITY = {"sample": 0, "health": 1, "event": 2, "window": 3, "profile": 4}
 DEFAULT_CAP = 64 << 20
 SCHEMA = 1
 _DDL = """
@@ -64,9 +64,9 @@ def device_name(root: Path) -> str:
 
 
 class Spool:
-    def __init__(self, path: str | Path, *, cap_bytes: int = DEFAULT_CAP, device: str | None = None):
+    def __init__(self, path: str | Path, *, cap_bytes: int | None = None, device: str | None = None):
+        """CAP_BYTES given: the spool's cap from now on (kept in the spool); None: the cap it has."""
         self.path = Path(path)
-        self.cap = int(cap_bytes)
         self.boot = boot_id()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +86,9 @@ class Spool:
                                          ("acked", "0"), ("created", str(time.time()))])
                 elif int(have.get("schema", 0)) > SCHEMA:
                     raise SpoolError(f"{self.path}: spool schema {have['schema']} is newer than this agent's ({SCHEMA})")
+                if cap_bytes is not None:
+                    self.db.execute("INSERT INTO meta VALUES ('cap', ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                                    (str(int(cap_bytes)),))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
@@ -93,6 +96,7 @@ class Spool:
         except sqlite3.Error as exc:
             raise SpoolError(f"{self.path}: cannot open the telemetry spool ({exc})") from None
         self.id = self._meta("spool")
+        self.cap = int(self._meta("cap", str(DEFAULT_CAP)))
         self.device = device or device_name(self.path.parent.parent)
 
     def _tx(self) -> None:
@@ -179,6 +183,22 @@ class Spool:
             self.db.execute("PRAGMA incremental_vacuum")
         except sqlite3.Error:
             pass
+        return int(freed[1])
+
+    def ack_range(self, first: int, last: int, spool_id: str) -> int:
+        """Delete records FIRST..LAST (push mode: a batch the controller stored)."""
+        if spool_id != self.id:
+            raise SpoolError(f"ack for spool {spool_id}, but this device's spool is {self.id}")
+        self._tx()
+        try:
+            freed = self.db.execute("SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM records WHERE seq BETWEEN ? AND ?",
+                                    (int(first), int(last))).fetchone()
+            self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (int(first), int(last)))
+            self._bump("bytes", -int(freed[0]))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
         return int(freed[1])
 
     # ------------------------------------------------------------------ reads

@@ -318,6 +318,9 @@ def build(ref: str, target: str, signers: list[SigningKey], out: Path, *, thresh
             tele = {"profile": None, "error": why, "source": None, "samples": 0}
             warnings.append(f"no drift profile (telemetry reports no PSI for this bundle): {why}; "
                             "pass --profile-data with real samples")
+        if tele.get("profile") and profile_data is None and inputs is None:
+            warnings.append("the drift reference comes from generated inputs: real traffic will show as drift "
+                            "against it; pass --profile-data with calibration or evaluation samples")
         members: dict[str, Path] = {}
         for rel in sorted(rec.files):
             members[f"payload/model/{rel}"] = work / "model" / rel

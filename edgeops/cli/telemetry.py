@@ -36,10 +36,9 @@ def telemetry_collect(selector, everything, parallel, batch, as_json):
     from .rollout import _devices
 
     devs = _devices(selector, everything)
-    say = (lambda m: None) if as_json else (lambda m: _err().print(f"[dim]{_esc(m)}[/]"))
     store = _store()
     t = time.monotonic()
-    res = collect(devs, store, parallel=parallel, progress=say, batch=batch)
+    res = collect(devs, store, parallel=parallel, batch=batch)
     wall = time.monotonic() - t
     failed = [r for r in res if not r.ok]
     if as_json:
@@ -104,14 +103,16 @@ def telemetry_show(model, selector, since, as_json):
         return
     from rich.table import Table
 
-    t = Table("model", "version", "device", "count", "p50 ms", "p99 ms", "errors", "PSI in", "PSI out", "alerts")
-    f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
-    for r in rows:
-        t.add_row(_esc(r["model"]), _esc(r["version"]), _esc(r["device"]), str(r["count"]), f(r["p50_ms"], 3),
-                  f(r["p99_ms"], 3), f"{r['error_rate'] * 100:.1f} %", f(r["psi_in"]), f(r["psi_out"]),
-                  f"[red]{len(r['alerts'])}[/]" if r["alerts"] else "0")
     o = _out()
-    o.print(t)
+    f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
+    for model in sorted({r["model"] for r in rows}):
+        t = Table("version", "device", "count", "p50 ms", "p99 ms", "errors", "PSI in", "PSI out", "alerts",
+                  title=f"{model}", title_justify="left")
+        for r in (x for x in rows if x["model"] == model):
+            t.add_row(_esc(r["version"]), _esc(r["device"]), str(r["count"]), f(r["p50_ms"], 3), f(r["p99_ms"], 3),
+                      f"{r['error_rate'] * 100:.1f} %", f(r["psi_in"]), f(r["psi_out"]),
+                      f"[red]{len(r['alerts'])}[/]" if r["alerts"] else "0")
+        o.print(t)
     for r in rows:
         for a in r["alerts"]:
             o.print(f"[red]alert[/] {_esc(r['device'])} {_esc(r['model'])}:{_esc(r['version'])}: {_esc(a)}")

@@ -314,6 +314,8 @@ class Scheduler:
             return False
         if self.halted:
             return True
+        if self.gated and self.cleared < len(self.waves) - 1:
+            return False                 # the last wave's bake and gate are still ahead
         return all(r.state in ("succeeded", "failed", "skipped") for r in self.runs.values())
 
     # -- decisions
@@ -332,9 +334,12 @@ class Scheduler:
                 return None              # a wave finishes before the next one starts
             if self.wave_done_at is None:
                 self.wave_done_at = now
-            if now < self.wave_done_at + self.bake and self.wave + 1 < len(self.waves):
+            last = self.wave + 1 >= len(self.waves)
+            # a gated bake follows every wave, the last one too (its verdict can still halt, and
+            # --on-halt rollback undo, the whole rollout); an ungated bake only separates waves
+            if (self.gated or not last) and now < self.wave_done_at + self.bake:
                 return self.wave_done_at + self.bake
-            if self.gated and self.wave + 1 < len(self.waves) and self.cleared < self.wave:
+            if self.gated and self.cleared < self.wave:
                 return GateCheck(self.wave)
             self.wave += 1
             self.wave_done_at = None
@@ -374,7 +379,9 @@ class Scheduler:
 
     def baking(self) -> int | None:
         """The wave whose bake is under way (finished, not yet followed by the next), if any."""
-        return self.wave if self.wave_done_at is not None and self.wave + 1 < len(self.waves) else None
+        if self.wave_done_at is None or self.wave >= len(self.waves):
+            return None
+        return self.wave if (self.gated or self.wave + 1 < len(self.waves)) else None
 
     def halt(self, why: str) -> None:
         self.halted = self.halted or why

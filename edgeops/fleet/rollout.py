@@ -170,6 +170,9 @@ def _judge(rid: str, r: dict, wave: int, s: P.Scheduler, gate_by_target: dict, j
         verdict["pending"] += res["pending"]
         verdict["checked"].update(res["checked"])
     unreachable = {p.device: p.error for p in pulled if not p.ok}
+    if final:       # stale data never passes a gate: a device whose telemetry could not be read now fails it
+        for dev, err in sorted(unreachable.items()):
+            verdict["breach"].append((dev, "NO_TELEMETRY", f"telemetry could not be collected at the end of the bake ({err})"))
     journal.rollout(rid, event="gate" + (" final" if final else ""),
                     detail={"wave": wave, "breach": verdict["breach"], "pending": verdict["pending"],
                             "checked": verdict["checked"], "collect_failed": unreachable})

@@ -33,6 +33,8 @@ class Agg:
     outputs: dict = field(default_factory=dict)
     n_in: dict = field(default_factory=dict)
     n_out: dict = field(default_factory=dict)
+    prev: dict = field(default_factory=dict)        # previous version -> {tensor: counts in ITS bins}
+    n_prev: dict = field(default_factory=dict)
     windows: int = 0
     first: float | None = None
     last: float | None = None
@@ -45,6 +47,13 @@ class Agg:
         P.merge_hist(self.lat, body.get("lat") or {})
         for side, into, ns in (("inputs", self.inputs, self.n_in), ("outputs", self.outputs, self.n_out)):
             for k, v in (body.get(side) or {}).items():
+                into[k] = P.merge_counts(into.get(k), v["counts"])
+                ns[k] = ns.get(k, 0) + int(v["n"])
+        op = body.get("outputs_prev") or {}
+        if op.get("version"):
+            into = self.prev.setdefault(op["version"], {})
+            ns = self.n_prev.setdefault(op["version"], {})
+            for k, v in (op.get("outputs") or {}).items():
                 into[k] = P.merge_counts(into.get(k), v["counts"])
                 ns[k] = ns.get(k, 0) + int(v["n"])
         self.windows += 1
@@ -146,6 +155,11 @@ class Gate:
     def active(self) -> bool:
         return any(x is not None for x in (self.slo_ms, self.max_error_rate, self.max_drift))
 
+    def __post_init__(self):
+        # a gated bake always halts on failing requests: 1 % unless --max-error-rate says otherwise
+        if self.active() and self.max_error_rate is None:
+            self.max_error_rate = ERROR_ALERT
+
     def text(self) -> str:
         parts = []
         if self.slo_ms is not None:
@@ -153,7 +167,7 @@ class Gate:
         if self.max_error_rate is not None:
             parts.append(f"errors <= {self.max_error_rate * 100:g} %")
         if self.max_drift is not None:
-            parts.append(f"output PSI vs previous version <= {self.max_drift}")
+            parts.append(f"output PSI vs the device's previous version <= {self.max_drift} (+ sampling noise)")
         return ", ".join(parts) + f" (each device, >= {self.min_requests} requests)"
 
 
@@ -179,44 +193,72 @@ def judge(store, gate: Gate, model: str, version: str, devices: dict[str, dict],
         if gate.slo_ms is not None:
             got = a.ms(PCT[gate.percentile])
             fig[gate.percentile + "_ms"] = got
-            if got is not None and got > gate.slo_ms:
+            if got is None:         # every request failed: nothing met the SLO
+                res["breach"].append((dev, "LATENCY", f"none of {a.count} requests answered ({a.errors})"))
+            elif got > gate.slo_ms:
                 res["breach"].append((dev, "LATENCY", f"{gate.percentile} {got:.2f} ms > SLO {gate.slo_ms} ms "
                                                       f"over {a.count} requests"))
         if gate.max_error_rate is not None and fig["error_rate"] > gate.max_error_rate:
             res["breach"].append((dev, "ERRORS", f"error rate {fig['error_rate'] * 100:.2f} % > "
                                                  f"{gate.max_error_rate * 100:g} % ({a.errors})"))
         if gate.max_drift is not None:
-            prev = info.get("previous")
-            old = aggregate(store, model=model, devices=[dev], version=prev, until=info.get("since")).get(
-                (model, prev, dev)) if prev else None
-            old_prof = (profs.get((model, prev)) or {}).get("profile") if prev else None
-            worst = None
-            basis = "previous version on this device"
-            for k, c in a.outputs.items():
-                p_new = (new_prof or {}).get("outputs", {}).get(k)
-                if old is not None and old_prof and k in old.outputs and p_new:
-                    before = P.rebin(old.outputs[k], old_prof["outputs"][k], p_new) if k in old_prof.get("outputs", {}) else None
-                    if before is None:
-                        continue
-                    vals = [P.psi_between(b, x) for b, x in zip(before, c)]
-                elif p_new:      # no previous-version telemetry here: against the reference, and said so
-                    basis = "reference profile (no telemetry of the previous version on this device)"
-                    vals = [P.psi(r, x) for r, x in zip(p_new["ref"], c)]
-                else:
-                    continue
-                vals = [v for v in vals if v is not None]
-                if vals and (worst is None or max(vals) > worst[1]):
-                    worst = (k, max(vals))
-            fig["drift_basis"] = basis
-            if worst is None:
-                res["breach"].append((dev, "NO_TELEMETRY", f"no output distribution to compare for {model}:{version}"))
-            else:
-                fig["psi_out"] = worst[1]
-                if worst[1] > gate.max_drift:
-                    res["breach"].append((dev, "DRIFT", f"output {worst[0]} PSI {worst[1]:.2f} > {gate.max_drift} "
-                                                        f"against the {basis}"))
+            _drift_check(store, gate, model, version, dev, info, a, new_prof, profs, fig, res, final)
         res["checked"][dev] = fig
     return res
+
+
+def _noise(counts_a: list, counts_b_n: int, n_a: int) -> float:
+    """PSI that sampling alone reaches between two samples of one distribution, with margin:
+    3 x (bins - 1) x (1/n_a + 1/n_b) (PSI ~ chi2(bins-1)/n for equal distributions)."""
+    return 3 * (len(counts_a) - 1) * (1 / max(n_a, 1) + 1 / max(counts_b_n, 1))
+
+
+def _drift_check(store, gate, model, version, dev, info, a, new_prof, profs, fig, res, final) -> None:
+    """Output drift of VERSION on DEV against the same device's previous version: the runtime bins
+    the new version's outputs with the previous version's reference bins too (`outputs_prev`), so
+    the two are compared bin for bin. Without telemetry of the previous version on this device,
+    against the new version's reference profile, and the verdict says so. A breach needs PSI above
+    --max-drift plus what sampling noise alone reaches at these sample sizes."""
+    prev = info.get("previous")
+    old = aggregate(store, model=model, devices=[dev], version=prev, until=info.get("since")).get(
+        (model, prev, dev)) if prev else None
+    worst, basis, short = None, None, []
+    for k, c in a.outputs.items():
+        n_new = a.n_out.get(k, 0)
+        paired = (a.prev.get(prev) or {}).get(k) if prev else None
+        if paired is not None and old is not None and k in old.outputs:
+            basis = f"{prev} on this device"
+            n_new, n_old = (a.n_prev.get(prev) or {}).get(k, 0), old.n_out.get(k, 0)
+            pairs = list(zip(old.outputs[k], paired))
+        elif new_prof and k in (new_prof.get("outputs") or {}):
+            basis = basis or "the reference profile (no telemetry of the previous version on this device)"
+            ref = new_prof["outputs"][k]
+            n_old = int(ref.get("samples") or 0)
+            pairs = [([p * n_old for p in r], x) for r, x in zip(ref["ref"], c)]
+        else:
+            continue
+        if min(n_new, n_old) < P.MIN_DRIFT_SAMPLES:
+            short.append(f"{k}: {n_new}/{n_old} samples")
+            continue
+        for before, after in pairs:
+            v = P.psi_between(before, after)
+            if v is None:
+                continue
+            margin = _noise(before, n_new, n_old)
+            if worst is None or v - margin > worst[1] - worst[2]:
+                worst = (k, v, margin)
+    fig["drift_basis"] = basis
+    if worst is None:
+        if final:
+            res["breach"].append((dev, "NO_TELEMETRY", f"not enough output samples of {model}:{version} to judge drift "
+                                                       f"(need {P.MIN_DRIFT_SAMPLES}: {', '.join(short) or 'none'})"))
+        elif dev not in res["pending"]:
+            res["pending"].append(dev)
+        return
+    fig["psi_out"], fig["psi_noise"] = worst[1], worst[2]
+    if worst[1] > gate.max_drift + worst[2]:
+        res["breach"].append((dev, "DRIFT", f"output {worst[0]} PSI {worst[1]:.2f} > {gate.max_drift} "
+                                            f"(+{worst[2]:.2f} sampling noise) against {basis}"))
 
 
 def parse_since(text: str | None) -> float | None:

@@ -9,8 +9,10 @@ acknowledged, and it acknowledges only what was committed) and duplicates nothin
 key is (device, spool, seq)). tests/test_telemetry_fleet.py kills it at every one of these points.
 
 Push: devices publish batches to MQTT (agent/push.py, QoS 1); `ingest` subscribes on a persistent
-session with manual acknowledgement, stores each batch with the same key, and sends the PUBACK
-only after the commit, so a redelivery (the broker resends what was never acknowledged) is ignored.
+session with manual acknowledgement, stores each batch with the same key, commits, publishes the
+batch's sequence range back to the device (edgeops/telemetry-ack/DEVICE, which is what lets the
+device delete it), and only then sends its PUBACK: a redelivery, or a batch the device publishes
+again because no acknowledgement reached it, is ignored by the key.
 """
 
 from __future__ import annotations
@@ -128,6 +130,16 @@ def collect(devices, store: Store, *, parallel: int = 8, link_for=None, progress
 
 
 # ---------------------------------------------------------------------- MQTT ingest
+KINDS = ("sample", "health", "event", "window", "profile")
+
+
+def _check_record(r) -> None:
+    """A record as a device sends it, or ValueError."""
+    if not isinstance(r, dict) or not isinstance(r.get("seq"), int) or isinstance(r.get("seq"), bool) \
+            or not isinstance(r.get("boot"), str) or r.get("kind") not in KINDS \
+            or not isinstance(r.get("t"), (int, float)) or not isinstance(r.get("body"), (str, dict)):
+        raise ValueError(f"malformed record {str(r)[:80]}")
+
 TOPIC_FILTER = "edgeops/telemetry/+"
 
 
@@ -153,7 +165,7 @@ def ingest(url: str, store: Store, *, client_id: str = "edgeops-ingest", seconds
     once UNTIL_RECORDS new records were stored (whichever comes first); else runs until SIGINT."""
     import queue
 
-    from ..agent.push import PushError, connect
+    from ..agent.push import ACK_TOPIC, PushError, connect
     from .store import TelemetryUnavailable as EnvError
 
     q: queue.Queue = queue.Queue()
@@ -189,13 +201,16 @@ def ingest(url: str, store: Store, *, client_id: str = "edgeops-ingest", seconds
                 try:
                     doc = json.loads(m.payload)
                     dev, spool, recs = doc["device"], doc["spool"], doc["records"]
-                    if m.topic != f"edgeops/telemetry/{dev}":
+                    if m.topic != f"edgeops/telemetry/{dev}" or not isinstance(spool, str) or not isinstance(recs, list):
                         raise ValueError(f"device {dev!r} on topic {m.topic!r}")
+                    for r in recs:
+                        _check_record(r)
                     good.append((m, dev, spool, recs, doc))
                 except (ValueError, KeyError, TypeError) as exc:
+                    # never storable: counted, acknowledged (so the broker stops resending it), said
                     out.rejected += 1
                     progress(f"rejected a message on {m.topic}: {str(exc)[:120]}")
-            # one transaction per device batch; the PUBACKs only after every commit
+            # one transaction per device; then the device's acknowledgement; then the PUBACKs
             by_dev: dict[tuple, list] = {}
             for m, dev, spool, recs, doc in good:
                 by_dev.setdefault((dev, spool), []).append((recs, doc))
@@ -208,6 +223,9 @@ def ingest(url: str, store: Store, *, client_id: str = "edgeops-ingest", seconds
                 out.duplicates += r["duplicates"]
                 out.devices[dev] = out.devices.get(dev, 0) + r["inserted"]
             _kill_at("commit")
+            for (dev, spool), items in by_dev.items():
+                ranges = [[min(x["seq"] for x in rs), max(x["seq"] for x in rs)] for rs, _ in items if rs]
+                c.publish(ACK_TOPIC.format(device=dev), json.dumps({"spool": spool, "ranges": ranges}), qos=1)
             for m in msgs:
                 c.ack(m.mid, m.qos)
             out.messages += len(msgs)
