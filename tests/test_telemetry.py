@@ -350,10 +350,10 @@ def test_bake_gate_judges_each_device_against_its_own_previous_version(world, tm
     for dev, new in (("d1", world["bundles"]["1.1.0"]), ("d2", same)):
         root = _device(tmp_path / dev, world)
         _agent(root, "install", world["bundles"]["1.0.0"], "--runs", "3", code=0)
-        _agent(root, "infer", "clf", "--random", "2000", "--flush", "0.3", code=0)
+        _agent(root, "infer", "clf", "--random", "6000", "--flush", "0.3", code=0)
         installed[dev] = time.time()
         _agent(root, "install", new, "--runs", "3", code=0)
-        _agent(root, "infer", "clf", "--random", "2000", "--seed", "7", "--flush", "0.3", code=0)
+        _agent(root, "infer", "clf", "--random", "6000", "--seed", "7", "--flush", "0.3", code=0)
         pull(LocalLink(root), store, dev)
     gate = A.Gate(max_drift=0.25, min_requests=100)
     r1 = A.judge(store, gate, "clf", "1.1.0", {"d1": {"since": installed["d1"], "previous": "1.0.0"}}, final=True)
