@@ -13,8 +13,8 @@
                                                      | stats | push --mqtt URL [--every S] [--for S]
 
 DIR is --root, else $EDGEOPS_AGENT_ROOT, else the folder the agent was installed into
-(DIR/agent/versions/V/<package>). Every command first finishes or undoes a transaction a crash
-left (install.recover). Exit codes: 0 ok, 1 refused or rolled back (the JSON says why),
+(DIR/agent/versions/V/<package>). Every install-side command first finishes or undoes a
+transaction a crash left (install.recover); `telemetry ...` touches only the spool. Exit codes: 0 ok, 1 refused or rolled back (the JSON says why),
 2 usage, 3 the device's own state or environment is unusable.
 """
 
@@ -307,7 +307,8 @@ def _telemetry_cmd(agent, args) -> int:
                 pass
             except OSError as exc:
                 return _emit({"ok": False, "error": f"cannot listen on {args.host}:{args.port} ({exc})"}, EXIT_ENV)
-            return _emit({"ok": True, "served": args.name, "version": rt.version, "reloads": rt.reloads}, EXIT_OK)
+            return _emit({"ok": True, "served": args.name, "version": rt.version, "reloads": rt.reloads,
+                          "telemetry_error": rt.telemetry_error}, EXIT_OK)
         import threading
 
         import numpy as np
@@ -358,7 +359,8 @@ def _telemetry_cmd(agent, args) -> int:
             w.join()
         q = lambda x: round(P.quantile(hist, x) * 1e3, 4) if hist else None  # noqa: E731
         return _emit({"ok": True, "model": args.name, "requests": counts["done"], "errors": counts["errors"],
-                      "versions": versions, "reloads": rt.reloads, "p50_ms": q(0.5), "p99_ms": q(0.99)}, EXIT_OK)
+                      "versions": versions, "reloads": rt.reloads, "p50_ms": q(0.5), "p99_ms": q(0.99),
+                      "telemetry_error": rt.telemetry_error}, EXIT_OK)
     finally:
         rt.close()
 

@@ -134,7 +134,11 @@ def build(arr, labels: bool = False) -> dict:
     prof = {**spec, "dtype": str(a.dtype), "shape": [int(s) for s in a.shape[1:]], "samples": int(n)}
     if a.dtype.kind in "fiub" and a.size:
         af = a.astype(np.float64)
-        prof.update(mean=float(af.mean()), std=float(af.std()), min=float(af.min()), max=float(af.max()))
+        fin = af[np.isfinite(af)]            # -inf log-probabilities or an fp16 overflow: not in the stats
+        if fin.size:
+            prof.update(mean=float(fin.mean()), std=float(fin.std()), min=float(fin.min()), max=float(fin.max()))
+        if fin.size != af.size:
+            prof["nonfinite"] = int(af.size - fin.size)
     if spec["mode"] == "label":
         vals, counts = np.unique(x[:, 0], return_counts=True)
         order = np.argsort(-counts)[:MAX_FEATURES]
@@ -234,12 +238,11 @@ def psi(ref: list[float], counts: list[int]) -> float | None:
 
 
 def tensor_psi(prof: dict, counts: list[list[int]]) -> dict:
-    vals = [psi(r, c) for r, c in zip(prof["ref"], counts)]
-    vals = [v for v in vals if v is not None]
+    vals = {i: v for i, v in enumerate(psi(r, c) for r, c in zip(prof["ref"], counts)) if v is not None}
     if not vals:
         return {"psi": None, "psi_mean": None, "feature": None}
-    worst = max(range(len(vals)), key=vals.__getitem__)
-    return {"psi": vals[worst], "psi_mean": sum(vals) / len(vals), "feature": worst}
+    worst = max(vals, key=vals.__getitem__)           # the feature's own index
+    return {"psi": vals[worst], "psi_mean": sum(vals.values()) / len(vals), "feature": worst}
 
 
 def band(value: float | None) -> str | None:

@@ -60,14 +60,18 @@ class _Model:
     def __init__(self, layout: Layout, name: str, threads: int):
         link = layout.current_link(name)
         try:
-            self.key = _key(link)
-            doc = json.loads((link / MANIFEST).read_text())
+            # the link is read once; every path below is the slot's own, so a switch landing
+            # meanwhile cannot pair one version's session with another's manifest
+            self.slot = os.readlink(link)
+            folder = layout.slot(name, self.slot)
+            st = os.stat(folder / MANIFEST)
+            self.key = (self.slot, st.st_ino, st.st_mtime_ns)
+            doc = json.loads((folder / MANIFEST).read_text())
             self.manifest = doc.get("signed", doc)
         except (OSError, ValueError, KeyError) as exc:
             raise NoModel(f"no current model {name!r} under {layout.models} ({exc})") from None
-        self.slot = os.readlink(link)
         self.name, self.version = name, self.manifest["version"]
-        self.session = session(layout.stable_model_path(name), threads)
+        self.session = session(folder / "model.onnx", threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         prof = ((self.manifest.get("telemetry") or {}).get("profile")) or {}
@@ -78,7 +82,9 @@ class _Model:
         exp = (self.manifest.get("health") or {}).get("expected") or {}
         self.out_shape = {n: tuple(e["shape"][1:]) for n, e in exp.items() if len(e.get("shape", [])) >= 1}
         outs = self.session.get_outputs()
-        self.float_out = [i for i, o in enumerate(outs) if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")]
+        # (index, float64?) of float outputs: a float64 sum can overflow on large finite values
+        self.float_out = [(i, o.type == "tensor(double)") for i, o in enumerate(outs)
+                          if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")]
         # the version in the other slot (the one this replaced, or the one a rollback left): outputs
         # are also binned with ITS reference bins, so the rollout's gate compares the two versions
         # on this device bin for bin (features reduced the same way only)
@@ -191,13 +197,17 @@ class Runtime:
         no lock). The flush thread turns the tuples into windows."""
         err = None
         if names is None:                       # all outputs, in the model's order: checks precomputed
-            for i in m.float_out:
+            for i, is64 in m.float_out:
                 o = outs[i]
                 # any NaN or inf makes the float64 sum non-finite (a sum of float32/16 values cannot
                 # overflow float64). Small outputs are summed in Python: right after a run, the first
                 # numpy reduction costs ~15 us (caches evicted by the model), tolist ~3 us.
-                if not math.isfinite(sum(o.ravel().tolist()) if o.size <= SMALL_OUTPUT
-                                     else float(o.sum(dtype=np.float64))):
+                if is64:
+                    bad = not bool(np.isfinite(o).all())
+                else:
+                    bad = not math.isfinite(sum(o.ravel().tolist()) if o.size <= SMALL_OUTPUT
+                                            else float(o.sum(dtype=np.float64)))
+                if bad:
                     err = "nonfinite"
             for i, want in m.shape_checks:
                 if outs[i].shape[1:] != want:
@@ -205,7 +215,7 @@ class Runtime:
         else:
             for name, o in zip(names, outs):
                 if isinstance(o, np.ndarray):
-                    if o.dtype.kind == "f" and not math.isfinite(float(o.sum(dtype=np.float64))):
+                    if o.dtype.kind == "f" and not bool(np.isfinite(o).all()):
                         err = "nonfinite"
                     want = m.out_shape.get(name)
                     if want is not None and o.shape[1:] != want:

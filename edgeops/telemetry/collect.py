@@ -190,6 +190,8 @@ def ingest(url: str, store: Store, *, client_id: str = "edgeops-ingest", seconds
                 msgs = [q.get(timeout=0.2)]
             except queue.Empty:
                 continue
+            except KeyboardInterrupt:       # Ctrl-C ends a foreground ingest with its summary
+                break
             while len(msgs) < batch:
                 try:
                     msgs.append(q.get_nowait())
