@@ -106,8 +106,8 @@ def telemetry_show(model, selector, since, as_json):
     o = _out()
     f = lambda x, n=2: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
     for model in sorted({r["model"] for r in rows}):
-        t = Table("version", "device", "count", "p50 ms", "p99 ms", "errors", "PSI in", "PSI out", "alerts",
-                  title=f"{model}", title_justify="left")
+        t = Table("version", "device", "requests", "p50 ms", "p99 ms", "err", "PSI in", "PSI out", "alerts",
+                  box=None, title=f"[bold]{_esc(model)}[/]", title_justify="left")
         for r in (x for x in rows if x["model"] == model):
             t.add_row(_esc(r["version"]), _esc(r["device"]), str(r["count"]), f(r["p50_ms"], 3), f(r["p99_ms"], 3),
                       f"{r['error_rate'] * 100:.1f} %", f(r["psi_in"]), f(r["psi_out"]),
