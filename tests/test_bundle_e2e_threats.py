@@ -57,7 +57,7 @@ NOW = datetime.now(timezone.utc).replace(microsecond=0)
 T0 = NOW - timedelta(minutes=2)          # SOURCE_DATE_EPOCH of the deterministic builds
 COUNTER_A = 100                          # explicit counter of bundles A and A5
 ABS_PATH = re.compile(r"(?<![\w.])/[^\s'\"()]+")
-PROGRESS = ("materializing ", "computing reference outputs", "writing ")
+PROGRESS = ("materializing ", "computing reference outputs", "profiling inputs and outputs", "writing ")
 REFUSED_BUNDLES: list[Path] = []         # every refused bundle made here, for the inspect test
 
 
