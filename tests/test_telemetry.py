@@ -386,3 +386,20 @@ def test_runtime_killed_mid_traffic_leaves_a_consistent_spool(world, tmp_path):
     doc = _agent(root, "telemetry", "read", "--limit", "100000", code=0)
     windows = [json.loads(r["body"]) for r in doc["records"] if r["kind"] == "window"]
     assert len(windows) >= 30 and all(w["count"] > 0 for w in windows)
+
+
+def test_raw_inputs_are_kept_only_when_asked_and_within_their_cap(world, tmp_path):
+    root = _device(tmp_path, world)
+    _agent(root, "install", world["bundles"]["1.0.0"], "--runs", "3", code=0)
+    _agent(root, "infer", "clf", "--random", "300", "--flush", "0.1", code=0)
+    doc = _agent(root, "telemetry", "read", "--limit", "10000", code=0)
+    assert not [r for r in doc["records"] if r["kind"] == "sample"]          # privacy: nothing by default
+    _agent(root, "infer", "clf", "--random", "300", "--capture", "1", "--capture-bytes", "3000", "--flush", "60", code=0)
+    doc = _agent(root, "telemetry", "read", "--limit", "10000", code=0)
+    samples = [json.loads(r["body"]) for r in doc["records"] if r["kind"] == "sample"]
+    assert samples and sum(s["bytes"] for s in samples) <= 3000              # one flush: within the cap
+    import base64
+    import io
+
+    got = np.load(io.BytesIO(base64.b64decode(samples[0]["npz_b64"])))
+    assert got["x"].shape == (1, 16) and got["x"].dtype == np.float32       # the request's own input
