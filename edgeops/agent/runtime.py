@@ -41,7 +41,7 @@ import numpy as np
 
 from . import profile as P
 from .ort import describe, session
-from .slots import MANIFEST, Layout
+from .slots import MANIFEST, MODEL_LINK, Layout
 from .spool import Spool, SpoolError, default_path, device_health
 
 MAX_DRIFT_ROWS = 200_000      # feature rows kept per window and tensor before sampling stops
@@ -58,20 +58,18 @@ class _Model:
     """One loaded version: the session and what telemetry needs to know about it."""
 
     def __init__(self, layout: Layout, name: str, threads: int):
-        link = layout.current_link(name)
         try:
             # the link is read once; every path below is the slot's own, so a switch landing
             # meanwhile cannot pair one version's session with another's manifest
-            self.slot = os.readlink(link)
+            self.key = _key(layout, name)
+            self.slot = self.key[0]
             folder = layout.slot(name, self.slot)
-            st = os.stat(folder / MANIFEST)
-            self.key = (self.slot, st.st_ino, st.st_mtime_ns)
             doc = json.loads((folder / MANIFEST).read_text())
             self.manifest = doc.get("signed", doc)
         except (OSError, ValueError, KeyError) as exc:
             raise NoModel(f"no current model {name!r} under {layout.models} ({exc})") from None
         self.name, self.version = name, self.manifest["version"]
-        self.session = session(folder / "model.onnx", threads)
+        self.session = session(folder / MODEL_LINK, threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         prof = ((self.manifest.get("telemetry") or {}).get("profile")) or {}
@@ -104,9 +102,12 @@ class _Model:
         self.shape_checks = [(i, self.out_shape[o.name]) for i, o in enumerate(outs) if o.name in self.out_shape]
 
 
-def _key(link: Path):
-    st = os.stat(link / MANIFEST)
-    return os.readlink(link), st.st_ino, st.st_mtime_ns
+def _key(layout: Layout, name: str) -> tuple:
+    """What identifies the installed model of NAME: the current slot and its manifest file (a slot
+    re-staged between two looks has a new manifest inode even if the link names the same slot)."""
+    slot = os.readlink(layout.current_link(name))
+    st = os.stat(layout.slot(name, slot) / MANIFEST)
+    return slot, st.st_ino, st.st_mtime_ns
 
 
 class _Window:
@@ -278,13 +279,12 @@ class Runtime:
 
     # ------------------------------------------------------------------ background
     def _watch(self) -> None:
-        link = self.layout.current_link(self.name)
         failed = None
         while not self._stop.wait(self.watch_s):
             try:
-                key = _key(link)
-            except OSError:
-                continue                        # mid-switch or no model: keep serving the loaded one
+                key = _key(self.layout, self.name)
+            except (OSError, ValueError):     # mid-switch, no model, a link to no slot:
+                continue                        # keep serving the loaded one
             if key == self.model.key or key == failed:
                 continue
             old = self.model

@@ -23,6 +23,7 @@ oldest records of the lowest priority first: raw samples, then health, then even
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,8 +78,7 @@ class Spool:
                 self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = FULL")
             self.db.executescript(_DDL)
-            self._tx()
-            try:
+            with self._write():
                 have = dict(self.db.execute("SELECT k, v FROM meta").fetchall())
                 if "spool" not in have:
                     self.db.executemany("INSERT INTO meta VALUES (?, ?)",
@@ -89,18 +89,22 @@ class Spool:
                 if cap_bytes is not None:
                     self.db.execute("INSERT INTO meta VALUES ('cap', ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
                                     (str(int(cap_bytes)),))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise SpoolError(f"{self.path}: cannot open the telemetry spool ({exc})") from None
         self.id = self._meta("spool")
         self.cap = int(self._meta("cap", str(DEFAULT_CAP)))
         self.device = device or device_name(self.path.parent.parent)
 
-    def _tx(self) -> None:
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception)."""
         self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def _meta(self, k: str, default: str | None = None) -> str | None:
         row = self.db.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
@@ -121,8 +125,7 @@ class Spool:
         for kind, model, version, t, body in rows:
             text = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False, default=_plain)
             enc.append((self.boot, kind, PRIORITY[kind], model, version, float(t), len(text), text))
-        self._tx()
-        try:
+        with self._write():
             seqs = []
             for r in enc:
                 seqs.append(self.db.execute("INSERT INTO records (boot, kind, prio, model, version, t, nbytes, body) "
@@ -131,10 +134,6 @@ class Spool:
             for kind, n in (lost or {}).items():
                 self._bump(f"dropped.{kind}", n)
             self._enforce_cap()
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return seqs
 
     def _enforce_cap(self) -> None:
@@ -165,40 +164,26 @@ class Spool:
     def ack(self, upto: int, spool_id: str) -> int:
         """Delete every record up to UPTO (the collector has committed them). Refused for another
         spool's sequence (this spool was re-created since the collector last read it)."""
-        if spool_id != self.id:
-            raise SpoolError(f"ack for spool {spool_id}, but this device's spool is {self.id}")
-        self._tx()
-        try:
-            freed = self.db.execute("SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM records WHERE seq <= ?",
-                                    (int(upto),)).fetchone()
-            self.db.execute("DELETE FROM records WHERE seq <= ?", (int(upto),))
-            self._bump("bytes", -int(freed[0]))
-            if int(upto) > int(self._meta("acked", "0")):
-                self.db.execute("UPDATE meta SET v = ? WHERE k = 'acked'", (str(int(upto)),))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        try:
-            self.db.execute("PRAGMA incremental_vacuum")
-        except sqlite3.Error:
-            pass
-        return int(freed[1])
+        return self._delete(0, upto, spool_id, acked=True)
 
     def ack_range(self, first: int, last: int, spool_id: str) -> int:
         """Delete records FIRST..LAST (push mode: a batch the controller stored)."""
+        return self._delete(first, last, spool_id, acked=False)
+
+    def _delete(self, first: int, last: int, spool_id: str, *, acked: bool) -> int:
         if spool_id != self.id:
             raise SpoolError(f"ack for spool {spool_id}, but this device's spool is {self.id}")
-        self._tx()
-        try:
+        with self._write():
             freed = self.db.execute("SELECT COALESCE(SUM(nbytes), 0), COUNT(*) FROM records WHERE seq BETWEEN ? AND ?",
                                     (int(first), int(last))).fetchone()
             self.db.execute("DELETE FROM records WHERE seq BETWEEN ? AND ?", (int(first), int(last)))
             self._bump("bytes", -int(freed[0]))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+            if acked and int(last) > int(self._meta("acked", "0")):
+                self.db.execute("UPDATE meta SET v = ? WHERE k = 'acked'", (str(int(last)),))
+        try:
+            self.db.execute("PRAGMA incremental_vacuum")
+        except sqlite3.Error:
+            pass
         return int(freed[1])
 
     # ------------------------------------------------------------------ reads
