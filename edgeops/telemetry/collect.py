@@ -165,9 +165,14 @@ def ingest(url: str, store: Store, *, client_id: str = "edgeops-ingest", seconds
     once UNTIL_RECORDS new records were stored (whichever comes first); else runs until SIGINT."""
     import queue
 
-    from ..agent.push import ACK_TOPIC, PushError, connect
+    from ..agent.push import ACK_TOPIC, PushError, connect, parse_url
+    from ..errors import UsageError
     from .store import TelemetryUnavailable as EnvError
 
+    try:
+        parse_url(url)
+    except PushError as exc:            # a malformed URL is a usage error, not an unreachable broker
+        raise UsageError(str(exc)) from None
     q: queue.Queue = queue.Queue()
     try:
         c = connect(url, client_id, clean=False, manual_ack=True, on_message=lambda cl, ud, msg: q.put(msg))
